@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/demo
+export XLA_PYTHON_CLIENT_PREALLOCATE := false
+
+.PHONY: setup demo test test-all golden bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	touch $@
+
+demo: setup
+	$(PY) -m xblip_jax.main --config configs/demo.py --workdir $(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: setup
+	$(PY) -m pytest -q
+
+golden: setup
+	$(PY) -m xblip_jax.golden ../shared/golden/*.npz
+
+clean:
+	rm -rf $(VENV) workdir
