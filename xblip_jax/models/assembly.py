@@ -1,0 +1,115 @@
+"""Where the soft tokens, cues and text go in the LLM input (training layout).
+
+Per example, left to right:
+  [prefix with BOS]                            if a prefix is configured
+  for each modality, in the order given:
+    [cue][soft tokens of that modality]         cue = its tokens, BOS kept or dropped (below)
+  [LLM text block]                              instruction, answer, padding (data/text.py)
+
+`layout="single"` (default) puts each modality once, with the cue's BOS dropped exactly where
+`generate()` drops it: when clean tokenisation is on and something precedes the cue (a prefix
+or an earlier modality). Training and inference then see the same sequence.
+
+`layout="reference_forward"` reproduces LAVIS' training `forward()`: with a prefix and clean
+tokenisation each modality contributes `[cue w/o BOS][soft][cue with BOS][soft]` (a missing
+`else`; quirk Q03 in docs/quirks.md), otherwise `[cue with BOS][soft]`. The released
+`*_improved` Q-Formers were trained this way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from xblip_jax.data.text import IGNORE
+
+LAYOUTS = ("single", "reference_forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptIds:
+  """Token ids of the fixed prompt pieces, each tokenised WITH the tokenizer's BOS."""
+
+  prefix: tuple[int, ...] = ()
+  cues: tuple[tuple[str, tuple[int, ...]], ...] = ()
+  clean_tokenization: bool = True
+
+  def cue(self, modality: str) -> tuple[int, ...]:
+    return dict(self.cues).get(modality, ())
+
+
+def segments(prompt: PromptIds, order: Sequence[str], layout: str,
+             use_cues: bool = True) -> list[tuple[str, object]]:
+  """The static segment list: ("ids", tuple_of_ids) or ("soft", modality)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"assembly layout must be one of {LAYOUTS}, got {layout!r}")
+  out: list[tuple[str, object]] = []
+  if prompt.prefix:
+    out.append(("ids", prompt.prefix))
+  for i, m in enumerate(order):
+    cue = prompt.cue(m) if use_cues else ()
+    if layout == "reference_forward":
+      if cue and prompt.prefix and prompt.clean_tokenization:
+        out += [("ids", cue[1:]), ("soft", m), ("ids", cue), ("soft", m)]
+      else:
+        out += [("ids", cue), ("soft", m)]
+    else:
+      preceded = bool(prompt.prefix) or i > 0
+      drop_bos = bool(cue) and preceded and prompt.clean_tokenization
+      out += [("ids", cue[1:] if drop_bos else cue), ("soft", m)]
+  return [s for s in out if not (s[0] == "ids" and not s[1])]
+
+
+def assemble(
+    embed: Callable[[Int[Array, "B T"]], Float[Array, "B T D"]],
+    soft: Mapping[str, Float[Array, "B S D"]],
+    text_ids: Int[Array, "B L"],
+    text_mask: Int[Array, "B L"],
+    text_labels: Int[Array, "B L"] | None,
+    prompt: PromptIds,
+    order: Sequence[str],
+    layout: str = "single",
+    use_cues: bool = True,
+) -> tuple[Float[Array, "B T D"], Int[Array, "B T"], Int[Array, "B T"] | None]:
+  """inputs_embeds, attention_mask and labels of the LLM input (right-padded)."""
+  batch = text_ids.shape[0]
+  pieces, masks, labels = [], [], []
+  for kind, value in segments(prompt, order, layout, use_cues):
+    if kind == "ids":
+      ids = jnp.broadcast_to(jnp.asarray(value, jnp.int32)[None], (batch, len(value)))
+      x = embed(ids)
+    else:
+      x = soft[value]
+    pieces.append(x)
+    masks.append(jnp.ones(x.shape[:2], jnp.int32))
+    labels.append(jnp.full(x.shape[:2], IGNORE, jnp.int32))
+  text_x = embed(text_ids)
+  pieces.append(text_x.astype(pieces[0].dtype) if pieces else text_x)
+  masks.append(text_mask.astype(jnp.int32))
+  inputs = jnp.concatenate([p.astype(text_x.dtype) for p in pieces], axis=1)
+  mask = jnp.concatenate(masks, axis=1)
+  if text_labels is None:
+    return inputs, mask, None
+  labels.append(text_labels.astype(jnp.int32))
+  return inputs, mask, jnp.concatenate(labels, axis=1)
+
+
+def causal_lm_loss(logits: Float[Array, "B T V"], labels: Int[Array, "B T"]
+                   ) -> tuple[Float[Array, ""], Int[Array, ""]]:
+  """Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` over supervised tokens.
+
+  A token-level mean over the whole batch, as the reference's HF loss. Returns (loss, count).
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = labels[:, 1:]
+  valid = targets != IGNORE
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  count = valid.sum()
+  loss = -(picked * valid).sum() / jnp.maximum(count, 1)
+  return loss, count
+
