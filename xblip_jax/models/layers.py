@@ -46,7 +46,7 @@ class Precision:
 
   @property
   def lax_precision(self) -> jax.lax.Precision:
-    return jax.lax.Precision(self.matmul_precision.upper())
+    return jax.lax.Precision(self.matmul_precision.lower())
 
   @classmethod
   def float32(cls) -> "Precision":
