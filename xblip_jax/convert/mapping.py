@@ -215,3 +215,9 @@ def unmapped_params(model: nnx.Module, rules: Sequence[Rule]) -> list[str]:
   covered = {p for r in rules for p in r.ours}
   return sorted(k for k, v in flat_params(model).items()
                 if isinstance(v, nnx.Param) and k not in covered)
+
+
+def prefixed(rules: Sequence[Rule], ours: str = "", theirs: str = "") -> list[Rule]:
+  """The same table for a sub-module: `ours`/`theirs` prepended to every path/key."""
+  return [dataclasses.replace(r, ours=tuple(ours + p for p in r.ours),
+                              theirs=tuple(theirs + k for k in r.theirs)) for r in rules]
