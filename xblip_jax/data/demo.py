@@ -200,7 +200,7 @@ def _clotho_split(root: Path, split: str, n: int, rng: np.random.Generator, mani
 
 def _pc_split(root: Path, split: str, n: int, rng: np.random.Generator, manifest: Manifest):
   pcs, caps, qa = root / "objaverse" / "pc", [], []
-  for k in range(n):
+  for _ in range(n):
     shape, uid = _pick(rng, dm.SHAPES_3D), dm.object_uid(rng)
     dm.write_point_cloud(Path(objaverse.pc_path(pcs, uid)), shape, rng)
     caption = _pick(rng, dm.PC_CAPTIONS).format(s=shape)
@@ -234,7 +234,7 @@ def _discrn_split(root: Path, split: str, n: int, rng: np.random.Generator, mani
   img_root, pc_root, view = base / "objaverse" / "images", base / "objaverse" / "pc", 2
   uids = [dm.object_uid(rng) for _ in range(max(4, n // 2))]
   shapes = [dm.SHAPES_3D[k % len(dm.SHAPES_3D)] for k in range(len(uids))]
-  for uid, shape in zip(uids, shapes):
+  for uid, shape in zip(uids, shapes, strict=True):
     dm.write_object_render(img_root / f"compressed_imgs_view{view}" / f"Cap3D_imgs_view{view}"
                            / f"{uid}_{view}.jpeg", shape, rng)
     dm.write_point_cloud(Path(objaverse.pc_path(pc_root, uid)), shape, rng)

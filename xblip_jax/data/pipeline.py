@@ -221,7 +221,7 @@ class _RandomMixIterator(grain.DatasetIterator):
     return {"parents": [p.get_state() for p in self._parents], "index": self._index}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    for parent, parent_state in zip(self._parents, state["parents"]):
+    for parent, parent_state in zip(self._parents, state["parents"], strict=True):
       parent.set_state(parent_state)
     self._index = int(state["index"])
 
@@ -241,7 +241,7 @@ def load_media(example: Example, rng: np.random.Generator, *, train: bool,
   `audio_padding_mask` (C,L) | `pc` (N,3); float32 except the boolean masks.
   """
   out: dict[str, np.ndarray] = {}
-  for modality, path in zip(example.modalities, example.media_paths):
+  for modality, path in zip(example.modalities, example.media_paths, strict=True):
     if modality in out:
       raise RecordError(f"modality {modality!r} appears twice", example.id)
     if modality == "image":
@@ -335,7 +335,7 @@ def build_pipeline(specs: Sequence[DatasetSpec], encode_text: EncodeText,
     ds = parts[0]
   else:
     default = sqrt_weights([len(s.examples) for s in specs])
-    weights = [s.weight if s.weight is not None else w for s, w in zip(specs, default)]
+    weights = [s.weight if s.weight is not None else w for s, w in zip(specs, default, strict=True)]
     ds = RandomMixIterDataset(parts, weights, seed=cfg.seed)
   if cfg.num_workers > 0:
     from absl import flags

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 
 from xblip_jax.data.example import Example, Examples
-from xblip_jax.data.formats import (build, field, first_field, one_or_many, read_records,
-                                    text_list)
+from xblip_jax.data.formats import build, field, first_field, one_or_many, read_records, text_list
 
 
 def read_coco_caption(ann_path: str | os.PathLike, image_root: str | os.PathLike, *,
