@@ -110,7 +110,7 @@ def test_resume_from_saved_state_equals_uninterrupted(media):
 
 def test_eval_pass_yields_each_example_once_in_order(media):
   _, images, _ = media
-  cfg = _cfg(train=False, shuffle=False, num_epochs=1, drop_remainder=False, batch_size=5)
+  cfg = P.PipelineConfig.for_eval(5, process_index=0, process_count=1)
   spec = P.DatasetSpec("images", images, media=_SMALL, instruct=False)
   batches = list(iter(P.build_pipeline([spec], encode_text, cfg)))
   assert [b["image"].shape[0] for b in batches] == [5, 5, 2]

@@ -251,7 +251,14 @@ def test_corrupt_and_missing_audio_raise_media_error(tmp_path):
   (tmp_path / "garbage.wav").write_bytes(b"RIFF....WAVE" + b"\x00" * 10)
   (tmp_path / "garbage.mp4").write_bytes(b"\x00" * 100)
   sf.write(tmp_path / "tiny.wav", np.zeros(100), 16000)
-  for name in ("garbage.flac", "garbage.wav", "garbage.mp4", "tiny.wav", "missing.flac"):
+  tone = 0.5 * np.sin(np.arange(32000) / 5.0)
+  for ext in ("flac", "wav"):
+    sf.write(tmp_path / f"full.{ext}", tone, 16000)
+    data = (tmp_path / f"full.{ext}").read_bytes()
+    (tmp_path / f"cut.{ext}").write_bytes(data[:len(data) // 2])
+  assert audio_io.load_waveform(tmp_path / "full.wav").shape == (32000,)
+  for name in ("garbage.flac", "garbage.wav", "garbage.mp4", "tiny.wav", "missing.flac",
+               "cut.flac", "cut.wav"):
     with pytest.raises(MediaError) as info:
       audio_io.preprocess_audio(tmp_path / name)
     assert str(tmp_path / name) in str(info.value)

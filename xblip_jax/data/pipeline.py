@@ -111,6 +111,12 @@ class PipelineConfig:
   process_index: int | None = None
   process_count: int | None = None
 
+  @classmethod
+  def for_eval(cls, batch_size: int, **overrides: Any) -> PipelineConfig:
+    """One ordered pass with the eval transforms, keeping a last partial batch."""
+    settings = dict(train=False, shuffle=False, num_epochs=1, drop_remainder=False)
+    return cls(batch_size=batch_size, **{**settings, **overrides})
+
 
 class TooManyBadRecordsError(RuntimeError):
   """More unusable records than `PipelineConfig.max_bad_fraction` allows."""

@@ -26,8 +26,20 @@ MIN_SAMPLES = 400  # one 25 ms fbank window at 16 kHz
 SOUNDFILE_EXTS = (".flac", ".wav", ".ogg", ".aiff", ".aif", ".au", ".mp3")
 
 
+def _check_riff_length(path) -> None:
+  """A cut WAV decodes silently (libsndfile trusts the bytes present): compare the RIFF size."""
+  with open(path, "rb") as f:
+    head = f.read(12)
+  if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+    declared = int.from_bytes(head[4:8], "little") + 8
+    actual = os.path.getsize(path)
+    if actual < declared:
+      raise MediaError(path, f"truncated WAV ({actual} of {declared} bytes)")
+
+
 def _decode_soundfile(path) -> tuple[np.ndarray, int]:
   import soundfile as sf
+  _check_riff_length(path)
   try:
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)
   except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
