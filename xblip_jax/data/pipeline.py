@@ -11,8 +11,10 @@ Sharding comes before decoding, so that a host only decodes its own share. The d
 dataset depends on the seed and the batch number only (not on the host): every host picks the
 same dataset for the same step, which SPMD training needs (the reference seeds each rank
 differently; under DDP that was harmless). Element randomness (crops, frames, templates, FPS
-start) comes from `np.random.default_rng([seed, dataset, host, index])`, so it does not depend
-on threads or on the number of worker processes.
+start) comes from `np.random.default_rng([seed, dataset, host, index])`, so an element does not
+depend on threads or worker processes. With `num_workers` > 0 each worker runs the pipeline
+(batching and mixing included) on a slice of every dataset and batches come round-robin from
+the workers: deterministic, but which elements share a batch depends on the worker count.
 
 The iterator is a Grain `DatasetIterator`: `get_state()` / `set_state()` resume exactly (also
 with worker processes), and the state holds the bad-record counts (`bad_record_counts`).
