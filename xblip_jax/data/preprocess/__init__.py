@@ -1,0 +1,1 @@
+"""Host-side (NumPy) preprocessing of raw modality inputs into what the encoders take."""
