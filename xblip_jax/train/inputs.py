@@ -1,0 +1,171 @@
+"""Everything the trainer reads: tokenizers, the training iterator, evaluation sets.
+
+The training iterator is the Grain pipeline (`data/pipeline.py`): one dataset, hence one
+modality, per batch. Evaluation sets are decoded once, deterministically, and keep each row's
+reference answers next to its arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from absl import logging
+
+from xblip_jax import config_utils
+from xblip_jax.data import demo, pipeline, templates
+from xblip_jax.data import text as text_lib
+from xblip_jax.data.demo_tokenizer import train_demo_tokenizer
+from xblip_jax.data.example import Example, MediaError, RecordError
+from xblip_jax.data.tokenizers import LlmTokenizer, QFormerTokenizer
+from xblip_jax.models.assembly import PromptIds
+
+CUES = {"image": " image: ", "pc": " 3d: ", "video": " video: ", "audio": " audio: "}
+MEDIA_KEYS = ("image", "video", "audio", "pc")
+
+
+@dataclasses.dataclass
+class EvalSet:
+  name: str
+  batches: list[tuple[tuple[str, ...], dict[str, np.ndarray], list[dict]]]
+
+
+def prompt_ids(tok: LlmTokenizer, text_cfg: text_lib.TextConfig, modalities) -> PromptIds:
+  """Prefix and cue ids, tokenised with BOS; clean tokenisation strips the cue's space."""
+  cue = lambda m: CUES[m].lstrip() if text_cfg.clean_tokenization else CUES[m]
+  return PromptIds(
+      prefix=tuple(tok.encode(text_cfg.prefix, add_bos=True)) if text_cfg.prefix else (),
+      cues=tuple((m, tuple(tok.encode(cue(m), add_bos=True))) for m in modalities),
+      clean_tokenization=text_cfg.clean_tokenization)
+
+
+def _template_texts() -> list[str]:
+  return [t.replace("{}", "").lower() for per in templates.TEMPLATES.values()
+          for pool in per.values() for t in pool]
+
+
+class Inputs:
+  """Training and evaluation inputs of one run."""
+
+  def __init__(self, config, workdir: Path):
+    data = config.data
+    self.workdir = workdir
+    self.modalities = tuple(data.modalities)
+    root = Path(data.root) if data.root else workdir / "demo_data"
+    if not data.demo:
+      raise config_utils.ConfigError("data.demo=False: only the bundled demo data is wired to "
+                                     "main so far; real datasets use data.formats readers")
+    if not (root / "manifest.json").exists():
+      logging.info("writing demo data to %s", root)
+      demo.write_demo_data(root, seed=int(config.seed))
+    self.manifest = demo.load_manifest(root)
+    self.text_cfg = config_utils.build(text_lib.TextConfig, {k: v for k, v in config.text.items()
+                                                             if k != "prompt_len"}, "text")
+    self.prompt_len = int(config.text.prompt_len)
+    tok_path = Path(data.llm_tokenizer) if data.llm_tokenizer else root / "llm_tokenizer"
+    if not (tok_path / "tokenizer.model").exists() and not data.llm_tokenizer:
+      texts = demo.demo_texts(self.manifest) + _template_texts() + list(CUES.values())
+      train_demo_tokenizer(texts + [self.text_cfg.prefix, self.text_cfg.postfix],
+                           tok_path / "tokenizer.model", vocab_size=int(data.demo_vocab_size))
+    self.llm_tokenizer = LlmTokenizer.from_file(tok_path)
+    self.qformer_tokenizer = QFormerTokenizer.bert_base_uncased(self.text_cfg.qformer_max_len)
+    self.text = text_lib.TextEncoder(self.llm_tokenizer, self.qformer_tokenizer, self.text_cfg)
+    self.prompt_ids = prompt_ids(self.llm_tokenizer, self.text_cfg, self.modalities)
+    self.media = config_utils.build(pipeline.MediaOptions, dict(data.media), "data.media")
+    self.seed = int(config.seed)
+    self.eval_batch_size = int(data.eval_batch_size)
+    self.eval_names = tuple(data.eval_datasets)
+    self.eval_limit = int(config.eval.num_examples)
+    for name in tuple(data.train_datasets) + self.eval_names:
+      if name not in self.manifest:
+        raise config_utils.ConfigError(f"data: unknown dataset {name!r}; the demo has "
+                                       f"{sorted(self.manifest)}")
+    specs = demo.demo_specs(self.manifest, "train", names=list(data.train_datasets),
+                            media=self.media)
+    self.pipeline = pipeline.build_pipeline(
+        specs, self._encode_train,
+        pipeline.PipelineConfig(batch_size=int(data.batch_size), seed=self.seed,
+                                num_threads=int(data.num_threads),
+                                max_bad_fraction=float(data.max_bad_fraction)))
+    self.iterator: Iterator = iter(self.pipeline)
+    self._eval_sets: list[EvalSet] | None = None
+
+  # --- training ---------------------------------------------------------------------------
+  def _encode_train(self, ex: Example) -> dict[str, np.ndarray]:
+    return self.text(ex.text_input, ex.text_output)
+
+  def next_train(self) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    batch = next(self.iterator)
+    order = tuple(m for m in MEDIA_KEYS if m in batch)
+    return order, batch
+
+  def get_state(self) -> Any:
+    return self.iterator.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self.iterator.set_state(state)
+
+  def stats(self) -> dict[str, Any]:
+    return {"bad_records": pipeline.bad_record_counts(self.iterator.get_state()),
+            "eval_skipped": getattr(self, "eval_skipped", {})}
+
+  # --- evaluation -------------------------------------------------------------------------
+  def eval_sets(self) -> list[EvalSet]:
+    if self._eval_sets is None:
+      self._eval_sets = [self._eval_set(name) for name in self.eval_names]
+    return self._eval_sets
+
+  def _eval_set(self, name: str) -> EvalSet:
+    entry = self.manifest[name]["val"]
+    media_opts = dataclasses.replace(self.media, **entry.options)
+    examples = demo.read_demo(entry)[:self.eval_limit]
+    rows, skipped = [], {}
+    for i, ex in enumerate(examples):
+      rng = np.random.default_rng([self.seed, 7, i])
+      refs = list(ex.answers) or ([ex.text_output] if isinstance(ex.text_output, str)
+                                  else list(ex.text_output))
+      try:
+        ex = templates.instruct(ex, rng)
+        arrays = pipeline.load_media(ex, rng, train=False, opts=media_opts)
+      except (MediaError, RecordError) as e:
+        skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
+        logging.warning("eval %s: skipped %s", name, e)
+        continue
+      arrays.update(self.text(ex.text_input, ex.text_output))
+      arrays.update(self.text.prompt(ex.text_input, self.prompt_len))
+      rows.append((ex.modalities, arrays, {"id": ex.id, "task": ex.task,
+                                           "instruction": ex.text_input, "answers": refs}))
+    if skipped:
+      self.eval_skipped = {**getattr(self, "eval_skipped", {}), name: skipped}
+    batches = []
+    for start in range(0, len(rows), self.eval_batch_size):
+      chunk = rows[start:start + self.eval_batch_size]
+      batch = {k: np.stack([r[1][k] for r in chunk]) for k in chunk[0][1]}
+      batches.append((tuple(chunk[0][0]), batch, [r[2] for r in chunk]))
+    return EvalSet(name, batches)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = list(ids)
+    if self.llm_tokenizer.eos_id in ids:
+      ids = ids[:ids.index(self.llm_tokenizer.eos_id)]
+    return self.llm_tokenizer.decode(ids).strip()
+
+  def write_predictions(self, name: str, preds: list[dict]) -> None:
+    out = self.workdir / "predictions"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(preds, indent=1))
+
+
+def build_inputs(config, workdir: Path) -> Inputs:
+  return Inputs(config, workdir)
+
+
+def load_pretrained(config, model) -> None:
+  """Frozen towers and `init_from` weights; the demo trains from random initialisation."""
+  init_from = config.get("init_from", "")
+  if init_from:
+    raise config_utils.ConfigError(
+        f"init_from={init_from!r}: loading converted checkpoints is not wired into main yet")
