@@ -53,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bridge=dict(num_query_tokens=8, layout="single", text_pairing="interleave",
                   use_cues=True),
       precision=dict(trainable="float32", llm="float32", encoders="float32"),
+      llm_init="demo",                 # pretrain the tiny LLM on the demo text once, then freeze
+      demo_llm=dict(steps=400, batch_size=32, lr=3e-3),
   )
   c.optim = dict(init_lr=1e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=100,
                  num_epochs=4, weight_decay=0.05)

@@ -61,7 +61,9 @@ class Inputs:
     if not (root / "manifest.json").exists():
       logging.info("writing demo data to %s", root)
       demo.write_demo_data(root, seed=int(config.seed))
+    self.root = root
     self.manifest = demo.load_manifest(root)
+    self.train_names = tuple(data.train_datasets)
     self.text_cfg = config_utils.build(text_lib.TextConfig, {k: v for k, v in config.text.items()
                                                              if k != "prompt_len"}, "text")
     self.prompt_len = int(config.text.prompt_len)
@@ -163,9 +165,14 @@ def build_inputs(config, workdir: Path) -> Inputs:
   return Inputs(config, workdir)
 
 
-def load_pretrained(config, model) -> None:
-  """Frozen towers and `init_from` weights; the demo trains from random initialisation."""
-  init_from = config.get("init_from", "")
-  if init_from:
+def load_pretrained(config, model, inputs: Inputs) -> None:
+  """Weights of the frozen LLM (`model.llm_init`); encoders stay as configured."""
+  llm_init = config.model.get("llm_init", "random")
+  if llm_init == "demo":
+    from xblip_jax.train import demo_llm  # pylint: disable=import-outside-toplevel
+
+    demo_llm.ensure_pretrained(model.llm, inputs, config)
+  elif llm_init != "random":
     raise config_utils.ConfigError(
-        f"init_from={init_from!r}: loading converted checkpoints is not wired into main yet")
+        f"model.llm_init={llm_init!r}: choose 'demo' or 'random' (converted Vicuna checkpoints "
+        "load through the conversion tools)")

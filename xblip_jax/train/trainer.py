@@ -58,7 +58,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   # --- Model and optimizer ----------------------------------------------------------------
   model = build_model(config.model, inputs.modalities, seed=seed,
                       llm_vocab_size=inputs.llm_tokenizer.vocab_size)
-  inputs_lib.load_pretrained(config, model)
+  inputs_lib.load_pretrained(config, model, inputs)
   graphdef, params, rest = nnx.split(model, trainable, ...)
   ocfg = config_utils.build(optim.OptimConfig, config.optim, "optim")
   tx = optim.make_optimizer(ocfg)
