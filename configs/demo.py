@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_bad_fraction=0.05,
       llm_tokenizer="",                # "" -> train one on the demo text
       demo_vocab_size=384,
-      media=dict(image_size=32, n_frms=4, num_clips=1, frames_per_clip=256, npoints=2048,
+      media=dict(image_size=48, n_frms=4, num_clips=1, frames_per_clip=256, npoints=2048,
                  video_hflip_prob=0.0),
   )
   c.text = dict(max_txt_len=32, max_output_txt_len=24, qformer_max_len=24, llm_text_len=48,
@@ -40,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = dict(
       encoders=dict(
-          image=dict(preset="tiny", img_size=32, patch_size=8, width=48, depth=2),
-          video=dict(preset="tiny", img_size=32, patch_size=8, width=48, depth=2),
+          image=dict(preset="tiny", img_size=48, patch_size=8, width=48, depth=2),
+          video=dict(preset="tiny", img_size=48, patch_size=8, width=48, depth=2),
           audio=dict(preset="tiny"),
           pc=dict(preset="tiny", npoints=2048),
       ),
@@ -58,6 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.optim = dict(init_lr=1e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=100,
                  num_epochs=4, weight_decay=0.05)
-  c.train = dict(num_steps=400, log_every=20, checkpoint_every=100, keep_checkpoints=2)
+  c.train = dict(num_steps=600, log_every=20, checkpoint_every=100, keep_checkpoints=2)
   c.eval = dict(max_new_tokens=8, num_examples=64)
   return c

@@ -145,8 +145,14 @@ class Inputs:
     batches = []
     for start in range(0, len(rows), self.eval_batch_size):
       chunk = rows[start:start + self.eval_batch_size]
-      batch = {k: np.stack([r[1][k] for r in chunk]) for k in chunk[0][1]}
-      batches.append((tuple(chunk[0][0]), batch, [r[2] for r in chunk]))
+      refs = [r[2] for r in chunk]
+      # Pad the last batch to the full size (one compiled shape); padded rows carry no labels
+      # and no references, so they count in neither the loss nor the accuracy.
+      filler = dict(chunk[-1][1], llm_text_labels=np.full_like(
+          chunk[-1][1]["llm_text_labels"], text_lib.IGNORE))
+      arrays = [r[1] for r in chunk] + [filler] * (self.eval_batch_size - len(chunk))
+      batch = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+      batches.append((tuple(chunk[0][0]), batch, refs))
     return EvalSet(name, batches)
 
   def decode(self, ids: Sequence[int]) -> str:

@@ -129,6 +129,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
       "train_seconds": round(time.perf_counter() - t0, 2),
       "eval": eval_results,
       "data": inputs.stats(),
+      "history": history,
   }
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   ckpt.close()
