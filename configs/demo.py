@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_bad_fraction=0.05,
       llm_tokenizer="",                # "" -> train one on the demo text
       demo_vocab_size=384,
-      media=dict(image_size=48, n_frms=4, num_clips=1, frames_per_clip=256, npoints=2048,
+      media=dict(image_size=48, n_frms=4, num_clips=1, frames_per_clip=256, npoints=8192,
                  video_hflip_prob=0.0),
   )
   c.text = dict(max_txt_len=32, max_output_txt_len=24, qformer_max_len=24, llm_text_len=48,
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           image=dict(preset="tiny", img_size=48, patch_size=8, width=48, depth=2),
           video=dict(preset="tiny", img_size=48, patch_size=8, width=48, depth=2),
           audio=dict(preset="tiny"),
-          pc=dict(preset="tiny", npoints=2048),
+          pc=dict(preset="tiny", npoints=8192),
       ),
       qformer=dict(preset="tiny", vocab_size=30523, hidden_size=96, num_layers=2, num_heads=4,
                    intermediate_size=192, max_position_embeddings=64, hidden_dropout=0.0,
