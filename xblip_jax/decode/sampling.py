@@ -1,0 +1,101 @@
+"""Single-beam decoding (greedy or nucleus sampling) with a KV cache, HF `generate` semantics.
+
+The prompt is prefilled once; then one token per row per step in a `lax.while_loop` that ends
+when every row has emitted EOS or `max_new_tokens` tokens exist. The last token is never fed
+back, so the cache holds `T + max_new_tokens - 1` slots.
+
+Per step (HF order): repetition penalty over the row's history, EOS suppression below the
+minimum length, then for sampling temperature / top-k / top-p and one categorical draw from the
+row's own key stream (`fold_in(row_key, step)`); for greedy the argmax.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from xblip_jax.decode import logits as lp
+
+if TYPE_CHECKING:
+  from xblip_jax.decode.api import DecodeConfig, Knobs
+
+
+def prefill(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
+            extra_slots: int):
+  """Runs the prompt once; returns the last position's logits `(B, V)` and the cache."""
+  b, t, _ = inputs_embeds.shape
+  cache = llm.init_cache(b, t + max(extra_slots, 0))
+  out = llm(inputs_embeds, attention_mask=attention_mask, cache=cache)
+  return out.logits[:, -1], out.cache
+
+
+def feed(llm, tokens: Int[Array, "R"], cache):
+  """One decoding step: feeds each row's last token, returns next logits `(R, V)`, cache."""
+  rows = tokens.shape[0]
+  out = llm(llm.embed(tokens[:, None]), attention_mask=jnp.ones((rows, 1), jnp.int32),
+            cache=cache)
+  return out.logits[:, -1], out.cache
+
+
+def process(scores: Float[Array, "R V"], history: Int[Array, "R N"], step: Int[Array, ""],
+            cfg: "DecodeConfig", knobs: "Knobs") -> Float[Array, "R V"]:
+  """Repetition penalty over `history[:, :step]` (+ 4.33's BOS), then min-length EOS mask."""
+  valid = jnp.arange(history.shape[1])[None] < step
+  seen = lp.seen_tokens(history, valid, scores.shape[-1], cfg.history_extra_ids)
+  scores = lp.repetition_penalty(scores, seen, knobs.repetition_penalty)
+  return lp.suppress_eos(scores, cfg.eos_id, step < knobs.min_new_tokens)
+
+
+def row_keys(key: jax.Array | None, rows: int) -> jax.Array:
+  """One PRNG key per row: `key` split `rows` ways, or `key` itself if it already is `rows` keys."""
+  if key is None:
+    raise ValueError("sampling needs a PRNG key")
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if key.ndim == (0 if typed else 1):
+    return jax.random.split(key, rows)
+  if key.shape[0] != rows:
+    raise ValueError(f"got {key.shape[0]} keys for {rows} rows")
+  return key
+
+
+def decode(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
+           cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None
+           ) -> tuple[Int[Array, "B N"], Float[Array, "B"]]:
+  """Greedy (`cfg.do_sample` False) or sampled ids `(B, max_new_tokens)` and summed log-probs."""
+  b = inputs_embeds.shape[0]
+  n = cfg.max_new_tokens
+  logits, cache = prefill(llm, inputs_embeds, attention_mask, n - 1)
+  keys = row_keys(key, b) if cfg.do_sample else None
+  eos = -1 if cfg.eos_id is None else cfg.eos_id
+
+  def cond(carry):
+    step, _, done, _, _, _ = carry
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, tokens, done, score, logits, cache = carry
+    scores = process(logits, tokens, step, cfg, knobs)
+    if cfg.do_sample:
+      scores = lp.warp(scores, temp=knobs.temperature, top_k=cfg.top_k, top_p=knobs.top_p)
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+      tok = jax.vmap(jax.random.categorical)(step_keys, scores)
+    else:
+      tok = jnp.argmax(scores, axis=-1)
+    tok = jnp.where(done, cfg.pad_id, tok.astype(jnp.int32))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tok[:, None], axis=-1)[:, 0]
+    score = score + jnp.where(done, 0.0, logp)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
+    done = done | (tok == eos)
+    # The last token is never fed: skip the forward pass once the loop is about to end.
+    logits, cache = jax.lax.cond(
+        (step + 1 < n) & ~jnp.all(done),
+        lambda: feed(llm, jnp.maximum(tok, 0), cache), lambda: (logits, cache))
+    return step + 1, tokens, done, score, logits, cache
+
+  carry = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_id, jnp.int32),
+           jnp.zeros((b,), jnp.bool_), jnp.zeros((b,), jnp.float32), logits, cache)
+  _, tokens, _, score, _, _ = jax.lax.while_loop(cond, body, carry)
+  return tokens, score
