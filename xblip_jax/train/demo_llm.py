@@ -21,6 +21,7 @@ from flax import nnx
 
 from xblip_jax.data import demo, templates
 from xblip_jax.data import text as text_lib
+from xblip_jax.models import build
 from xblip_jax.models.assembly import causal_lm_loss
 from xblip_jax.models.llm.llama import Llama
 
@@ -47,7 +48,9 @@ def pretrain(llm: Llama, inputs, *, steps: int, batch_size: int, lr: float, seed
   """Trains `llm` in place as a causal LM on the demo text; returns the final loss."""
   corpus = _corpus(inputs, num=4096, seed=seed)
   graphdef, params = nnx.split(llm, nnx.Param)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, 20, steps), weight_decay=0.01)
+  warmup = min(20, steps // 2)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1)),
+                   weight_decay=0.01)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -72,20 +75,23 @@ def pretrain(llm: Llama, inputs, *, steps: int, batch_size: int, lr: float, seed
   return float(loss)
 
 
-def ensure_pretrained(llm: Llama, inputs, config) -> Path:
-  """Loads the demo LLM from `<demo data>/pretrained_llm`, training and saving it first if absent."""
+def ensure_pretrained(inputs, config) -> Path:
+  """`<demo data>/pretrained_llm`: the demo LLM's parameters, trained and saved first if absent.
+
+  The trainer restores them straight into their shards (`model_init.create_sharded`).
+  """
   path = (inputs.root / "pretrained_llm").absolute()
-  checkpointer = ocp.StandardCheckpointer()
-  params = nnx.state(llm, nnx.Param)
   if path.exists():
-    restored = checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
-    nnx.update(llm, restored)
-    logging.info("loaded the demo LLM from %s", path)
     return path
+  bridge, _ = build.xblip_config(config.model, inputs.modalities,
+                                 inputs.llm_tokenizer.vocab_size)
+  llm = Llama(bridge.llm, precision=build.precision(config.model.precision.llm,
+                                                    "model.precision.llm"),
+              rngs=nnx.Rngs(params=int(config.seed)))
   cfg = config.model.demo_llm
   loss = pretrain(llm, inputs, steps=int(cfg.steps), batch_size=int(cfg.batch_size),
                   lr=float(cfg.lr), seed=int(config.seed))
-  checkpointer.save(path, nnx.state(llm, nnx.Param))
-  checkpointer.wait_until_finished()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, nnx.state(llm, nnx.Param))
   logging.info("pretrained the demo LLM (final loss %.4f), saved to %s", loss, path)
   return path

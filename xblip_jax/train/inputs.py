@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -40,6 +41,14 @@ def prompt_ids(tok: LlmTokenizer, text_cfg: text_lib.TextConfig, modalities) -> 
       prefix=tuple(tok.encode(text_cfg.prefix, add_bos=True)) if text_cfg.prefix else (),
       cues=tuple((m, tuple(tok.encode(cue(m), add_bos=True))) for m in modalities),
       clean_tokenization=text_cfg.clean_tokenization)
+
+
+def host_batch_size(global_batch: int) -> int:
+  """This host's share of the global batch (`data.batch_size` is global)."""
+  if global_batch % jax.process_count():
+    raise config_utils.ConfigError(f"data.batch_size={global_batch} does not split over "
+                                   f"{jax.process_count()} processes")
+  return global_batch // jax.process_count()
 
 
 def _template_texts() -> list[str]:
@@ -89,7 +98,7 @@ class Inputs:
                             media=self.media)
     self.pipeline = pipeline.build_pipeline(
         specs, self._encode_train,
-        pipeline.PipelineConfig(batch_size=int(data.batch_size), seed=self.seed,
+        pipeline.PipelineConfig(batch_size=host_batch_size(int(data.batch_size)), seed=self.seed,
                                 num_threads=int(data.num_threads),
                                 max_bad_fraction=float(data.max_bad_fraction)))
     self.iterator: Iterator = iter(self.pipeline)
@@ -162,6 +171,8 @@ class Inputs:
     return self.llm_tokenizer.decode(ids).strip()
 
   def write_predictions(self, name: str, preds: list[dict]) -> None:
+    if jax.process_index() != 0:
+      return
     out = self.workdir / "predictions"
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(preds, indent=1))
@@ -171,14 +182,22 @@ def build_inputs(config, workdir: Path) -> Inputs:
   return Inputs(config, workdir)
 
 
-def load_pretrained(config, model, inputs: Inputs) -> None:
-  """Weights of the frozen LLM (`model.llm_init`); encoders stay as configured."""
+def llm_weights(config, inputs: Inputs) -> Path | None:
+  """Where the frozen LLM's weights come from (`model.llm_init`), or None for random weights.
+
+  "demo": the demo LLM, pretrained on the demo text once (`demo_llm.py`); "random"; otherwise
+  an Orbax directory holding the LLM's parameter tree (as the converters write it).
+  """
   llm_init = config.model.get("llm_init", "random")
+  if llm_init == "random":
+    return None
   if llm_init == "demo":
     from xblip_jax.train import demo_llm  # pylint: disable=import-outside-toplevel
 
-    demo_llm.ensure_pretrained(model.llm, inputs, config)
-  elif llm_init != "random":
+    return demo_llm.ensure_pretrained(inputs, config)
+  path = Path(llm_init)
+  if not path.is_dir():
     raise config_utils.ConfigError(
-        f"model.llm_init={llm_init!r}: choose 'demo' or 'random' (converted Vicuna checkpoints "
-        "load through the conversion tools)")
+        f"model.llm_init={llm_init!r}: choose 'demo', 'random' or an existing Orbax directory "
+        "of the LLM's parameters")
+  return path

@@ -1,11 +1,13 @@
 """`train_and_evaluate(config, workdir)`: the training loop, read top to bottom.
 
-Sections: inputs, model and optimizer, init/restore, step functions, evaluators, loop, summary.
+Sections: mesh, inputs, model and optimizer, init/restore, step functions, loop, evaluation and
+summary. Every host runs this same program (SPMD); only process 0 writes logs and summaries.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -16,121 +18,218 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from xblip_jax import config_utils
+from xblip_jax import config_utils, sharding
 from xblip_jax.eval import answers as answers_lib
-from xblip_jax.models.build import build_model
-from xblip_jax.models.xblip import trainable
+from xblip_jax.models import build
+from xblip_jax.train import checkpoint as ckpt_lib
 from xblip_jax.train import inputs as inputs_lib
-from xblip_jax.train import optim, step as step_lib
-from xblip_jax.train.checkpoint import Checkpointer
+from xblip_jax.train import metrics as metrics_lib
+from xblip_jax.train import model_init, optim
+from xblip_jax.train import step as step_lib
 
 
-def _to_device(batch: dict) -> dict:
-  return {k: jnp.asarray(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
+def to_global(batch: dict, mesh) -> dict:
+  """This host's rows of a training batch as global arrays sharded over data x fsdp."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+          for k, v in batch.items() if isinstance(v, np.ndarray)}
 
 
-def evaluate(config, inputs, graphdef, params, rest, eval_loss, generate) -> dict[str, Any]:
+def to_replicated_rows(batch: dict, mesh) -> dict:
+  """An evaluation batch every host holds in full, split over the batch shards it divides."""
+  out = {}
+  for k, v in batch.items():
+    if isinstance(v, np.ndarray):
+      spec = sharding.logical_to_spec(("batch",) + (None,) * (v.ndim - 1), shape=v.shape,
+                                      mesh_shape=dict(mesh.shape))
+      out[k] = jax.make_array_from_callback(v.shape, jax.sharding.NamedSharding(mesh, spec),
+                                            lambda idx, v=v: v[idx])
+  return out
+
+
+def evaluate(inputs, mesh, params, rest, eval_loss, generate) -> dict[str, Any]:
   """Held-out loss and answer accuracy per evaluation set; writes every prediction."""
   results: dict[str, Any] = {}
   for eval_set in inputs.eval_sets():
     total, count, preds = 0.0, 0, []
     for order, batch, refs in eval_set.batches:
-      dev = _to_device(batch)
+      dev = to_replicated_rows(batch, mesh)
       s, n = eval_loss(params, rest, dev, order)
       total, count = total + float(s), count + int(n)
       ids = np.asarray(generate(params, rest, dev, order))
       for row, ref in zip(ids, refs):
         preds.append({"prediction": inputs.decode(row), **ref})
-    metrics = {"loss": total / max(count, 1), **answers_lib.score(preds)}
-    results[eval_set.name] = metrics
+    results[eval_set.name] = {"loss": total / max(count, 1), **answers_lib.score(preds)}
     inputs.write_predictions(eval_set.name, preds)
   return results
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and stops at the next step boundary."""
+
+  def __init__(self):
+    self.flag = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint at the end of this step")
+    self.flag = True
+
+  def reached(self, ckpt: ckpt_lib.Checkpointer, step: int) -> bool:
+    if jax.process_count() > 1:  # every host must agree on the step (JAX's preemption sync)
+      return ckpt.reached_preemption(step)
+    return self.flag
+
+  def close(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
   seed = int(config.seed)
+
+  # --- Mesh -------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(dict(config.get("mesh", None) or {"fsdp": -1}))
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+               jax.process_count())
 
   # --- Inputs -----------------------------------------------------------------------------
   inputs = inputs_lib.build_inputs(config, workdir)
+  global_batch = int(config.data.batch_size)
+  microbatches = int(config.train.get("microbatches", 1))
+  if global_batch % (sharding.batch_shards(mesh) * microbatches):
+    raise config_utils.ConfigError(
+        f"data.batch_size={global_batch} must be a multiple of data x fsdp "
+        f"({sharding.batch_shards(mesh)}) x train.microbatches ({microbatches})")
 
   # --- Model and optimizer ----------------------------------------------------------------
-  model = build_model(config.model, inputs.modalities, seed=seed,
-                      llm_vocab_size=inputs.llm_tokenizer.vocab_size)
-  inputs_lib.load_pretrained(config, model, inputs)
-  graphdef, params, rest = nnx.split(model, trainable, ...)
+  vocab = inputs.llm_tokenizer.vocab_size
+  model = model_init.create_sharded(config, inputs.modalities, vocab, mesh,
+                                    llm_path=inputs_lib.llm_weights(config, inputs))
+  graphdef, params, rest = model.graphdef, model.params, model.rest
   ocfg = config_utils.build(optim.OptimConfig, config.optim, "optim")
   tx = optim.make_optimizer(ocfg)
-  opt_state = tx.init(params)
-  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  n_total = n_train + sum(int(np.prod(x.shape)) for x in jax.tree.leaves(rest))
+  train_rules, _ = model_init.rule_sets(config)
+  opt_sh = step_lib.opt_state_shardings(tx, params, mesh, train_rules)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  n_train, n_total = model.counts()
   logging.info("parameters: %d trainable of %d", n_train, n_total)
 
   # --- Init / restore ---------------------------------------------------------------------
-  ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=int(config.train.keep_checkpoints))
-  start = 0
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rng = jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+                       replicated)
+  state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0),
+                                                                               replicated),
+           "rng": rng}
+  state_sh = {"params": model.param_shardings, "opt_state": opt_sh, "step": replicated,
+              "rng": replicated}
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
+                               max_to_keep=int(config.train.keep_checkpoints))
   history: list[dict] = []
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, {"params": params, "opt_state": opt_state})
-    params, opt_state = state["params"], state["opt_state"]
-    inputs.set_state(meta["data"])
-    history = meta.get("history", [])
-    start = latest
-    logging.info("resumed from step %d", latest)
+  restored = ckpt_lib.restore_run(ckpt, config, sharding.abstract_with_shardings(state, state_sh))
+  if restored is not None:
+    state = restored.state
+    inputs.set_state(restored.data)
+    history = [r for r in restored.meta.get("history", []) if r["step"] <= restored.step]
+    logging.info("restored step %d from %s (%s)", restored.step, restored.path, restored.source)
+  elif config.get("init_from", ""):
+    loaded, missing, unexpected = ckpt_lib.init_params(config.init_from, params,
+                                                       model.param_shardings)
+    logging.info("init_from: missing %s; unexpected %s", missing, unexpected)
+    state["params"] = nnx.merge_state(params, loaded)
+  params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+  start = int(state["step"])
+  del state
 
   # --- Step functions ---------------------------------------------------------------------
   prompt = inputs.prompt_ids
-  train_step = step_lib.make_train_step(graphdef, tx, prompt)
-  eval_loss = step_lib.make_eval_loss(graphdef, prompt)
+  shardings = step_lib.StepShardings(model.param_shardings, opt_sh, model.rest_shardings, mesh)
+  train_step = step_lib.make_train_step(graphdef, tx, prompt, shardings=shardings,
+                                        microbatches=microbatches)
+  eval_loss = step_lib.make_eval_loss(graphdef, prompt, shardings)
   generate = step_lib.make_generate(graphdef, prompt,
                                     max_new_tokens=int(config.eval.max_new_tokens),
                                     eos_id=inputs.llm_tokenizer.eos_id,
-                                    pad_id=inputs.llm_tokenizer.pad_id)
+                                    pad_id=inputs.llm_tokenizer.pad_id, shardings=shardings)
+  bridge, enc_cfgs = build.xblip_config(config.model, inputs.modalities, vocab)
+  sizes = metrics_lib.param_sizes(params, rest)
+  flops = lambda order: metrics_lib.example_flops(
+      sizes, bridge, enc_cfgs, order, media=inputs.media, llm_text_len=int(config.text.llm_text_len),
+      qformer_len=int(config.text.qformer_max_len), prompt=prompt)
 
   # --- Loop -------------------------------------------------------------------------------
   num_steps = int(config.train.num_steps)
   log_every, ckpt_every = int(config.train.log_every), int(config.train.checkpoint_every)
-  rng = jax.random.fold_in(jax.random.key(seed), 1)
-  metrics_file = (workdir / "metrics.jsonl").open("a")
-  t0, tokens_seen = time.perf_counter(), 0
-  for step in range(start + 1, num_steps + 1):
-    order, batch = inputs.next_train()
-    params, opt_state, metrics = train_step(params, opt_state, rest, _to_device(batch),
-                                            jax.random.fold_in(rng, step), order)
-    if step % log_every == 0 or step == start + 1 or step == num_steps:
-      step_lib.check_finite(metrics, step)
-      elapsed = time.perf_counter() - t0
-      tokens_seen += int(metrics["tokens"])
-      row = {"step": step, "modality": "+".join(order), "loss": float(metrics["loss"]),
-             "grad_norm": float(metrics["grad_norm"]),
-             "lr": float(optim.lavis_schedule(ocfg)(step - 1)), "elapsed_s": round(elapsed, 2)}
-      history.append(row)
-      metrics_file.write(json.dumps(row) + "\n")
-      metrics_file.flush()
-      logging.info("step %d %s loss %.4f", step, row["modality"], row["loss"])
-    if step % ckpt_every == 0 or step == num_steps:
-      ckpt.save(step, {"params": params, "opt_state": opt_state},
-                {"data": inputs.get_state(), "history": history})
+  writer = metrics_lib.Writer(workdir, enabled=is_main, total_steps=num_steps,
+                              tensorboard=bool(config.train.get("tensorboard", True)))
+  writer.truncate_after(workdir / "metrics.jsonl", start)
+  meter = metrics_lib.Throughput(mesh.size, metrics_lib.peak_tflops(
+      jax.devices()[0].device_kind, float(config.train.get("peak_tflops", 0.0))))
+  preemption = _Preemption()
+  compiled: set[tuple[str, ...]] = set()
+  pending: list[tuple[int, Any]] = []
+  preempted, metrics, t_start = False, None, time.perf_counter()
+  with jax.set_mesh(mesh):
+    for step in range(start + 1, num_steps + 1):
+      order, batch = inputs.next_train()
+      batch = to_global(batch, mesh)
+      key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+      if order not in compiled:  # time compilation apart from the steady state
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+      params, opt_state, metrics = train_step(params, opt_state, rest, batch, key, order)
+      if order not in compiled:
+        jax.block_until_ready(metrics)
+        meter.compiled(time.perf_counter() - t0)
+        compiled.add(order)
+      else:
+        count = flops(order)
+        meter.add(count.total * global_batch, global_batch, count.llm_tokens * global_batch)
+      pending.append((step, metrics["loss"]))
+      preempted = preemption.reached(ckpt, step)
+      if step % log_every == 0 or step == start + 1 or step == num_steps or preempted:
+        step_lib.check_finite(pending)
+        pending.clear()
+        row = {"step": step, "modality": "+".join(order), "loss": float(metrics["loss"]),
+               "grad_norm": float(metrics["grad_norm"]),
+               "lr": float(optim.lavis_schedule(ocfg)(step - 1))}
+        history.append(row)
+        writer.write(step, {**row, **meter.report(num_steps - step)})
+      if step % ckpt_every == 0 or step == num_steps or preempted:
+        step_lib.check_finite(pending)  # never checkpoint a state past a non-finite loss
+        pending.clear()
+        ckpt.save(step, {"params": params, "opt_state": opt_state,
+                         "step": jnp.int32(step), "rng": rng},
+                  inputs.get_state(), {"history": history}, force=preempted)
+      if preempted:
+        logging.warning("preempted: saved step %d, stopping", step)
+        break
   ckpt.wait()
-  metrics_file.close()
+  preemption.close()
+  train_seconds = time.perf_counter() - t_start
 
   # --- Evaluation and summary -------------------------------------------------------------
-  eval_results = evaluate(config, inputs, graphdef, params, rest, eval_loss, generate)
-  for name, res in eval_results.items():
-    logging.info("eval %s: %s", name, res)
   summary = {
-      "steps": num_steps,
+      "steps": step if preempted else num_steps, "preempted": preempted,
       "first_loss": history[0]["loss"] if history else None,
       "last_loss": history[-1]["loss"] if history else None,
-      "trainable_parameters": n_train,
-      "total_parameters": n_total,
-      "train_seconds": round(time.perf_counter() - t0, 2),
-      "eval": eval_results,
-      "data": inputs.stats(),
+      "trainable_parameters": n_train, "total_parameters": n_total,
+      "mesh": dict(mesh.shape), "compile_seconds": round(meter.compile_s, 2),
+      "train_seconds": round(train_seconds, 2), "eval": {}, "data": inputs.stats(),
       "history": history,
   }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if not preempted:
+    with jax.set_mesh(mesh):
+      summary["eval"] = evaluate(inputs, mesh, params, rest, eval_loss, generate)
+    for name, res in summary["eval"].items():
+      logging.info("eval %s: %s", name, res)
+    summary["data"] = inputs.stats()
+  if is_main:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  writer.close()
   ckpt.close()
   return summary
