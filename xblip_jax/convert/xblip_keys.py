@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from xblip_jax.convert import llama_keys, qformer_keys
+from xblip_jax.convert import (beats_keys, eva_vit_keys, llama_keys, pointbert_keys,
+                               qformer_keys)
 from xblip_jax.convert.mapping import Rule, copy, layer_norm, linear, prefixed
 from xblip_jax.models.xblip import XBlipConfig
 
@@ -44,3 +45,17 @@ def ignore_patterns(cfg: XBlipConfig) -> tuple[str, ...]:
   keys = ("shared",) if cfg.shared_qformer else cfg.modalities
   out = tuple(f"{k}_Qformer\\.{p}" for k in keys for p in qformer_keys.LAVIS_IGNORE)
   return out + tuple(f"llm_model\\.{p}" for p in llama_keys.LAVIS_IGNORE)
+
+
+# Where each frozen encoder's own keys sit in the LAVIS state dict.
+ENCODER_PREFIXES = {"image": "image_encoder.", "video": "video_encoder.",
+                    "audio": "audio_encoder.model.", "pc": "pc_encoder."}
+
+
+def encoder_rules(modality: str, enc_cfg) -> list[Rule]:
+  """The frozen encoder of `modality` (`encoders.{m}.*`) against its LAVIS names."""
+  table = {"image": eva_vit_keys.lavis_rules, "video": eva_vit_keys.lavis_rules,
+           "audio": beats_keys.rules, "pc": pointbert_keys.rules}
+  if modality not in table:
+    raise ValueError(f"no encoder table for modality {modality!r}")
+  return prefixed(table[modality](enc_cfg), f"encoders.{modality}.", ENCODER_PREFIXES[modality])
