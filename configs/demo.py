@@ -15,7 +15,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.mode = "train"
+  c.mode = "train"                   # or "plan" (per-device memory of the train step)
+  c.resume = ""                      # another run's checkpoints to continue from
+  c.init_from = ""                   # trainable parameters to start from (Orbax)
+  c.distributed = False              # jax.distributed.initialize() (multi-host)
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.sharding = dict(trainable="fsdp_tensor", frozen="fsdp_tensor")
+  c.plan = dict(devices=8, accelerator="", modality="image")
 
   c.data = dict(
       demo=True,                       # write/read the bundled synthetic data
@@ -58,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.optim = dict(init_lr=1e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=100,
                  num_epochs=4, weight_decay=0.05)
-  c.train = dict(num_steps=600, log_every=20, checkpoint_every=100, keep_checkpoints=2)
+  c.train = dict(num_steps=600, log_every=20, checkpoint_every=100, keep_checkpoints=2,
+                 microbatches=1, tensorboard=True, peak_tflops=0.0)
   c.eval = dict(max_new_tokens=8, num_examples=64)
   return c

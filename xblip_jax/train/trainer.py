@@ -68,7 +68,9 @@ class _Preemption:
 
   def __init__(self):
     self.flag = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    # Multi-host: JAX's preemption sync manager owns SIGTERM; a Python handler would hide it.
+    self._previous = (signal.signal(signal.SIGTERM, self._handle)
+                      if jax.process_count() == 1 else None)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -81,7 +83,8 @@ class _Preemption:
     return self.flag
 
   def close(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""Memory planner: compile the training step ahead of time for the configured mesh and report
+per-device memory, before any accelerator is rented.
+
+    python -m xblip_jax.main --config configs/vicuna7b/image.py:v5e-64 --workdir DIR \\
+        --config.mode=plan
+
+On a CPU host, `main` first asks JAX for `config.plan.devices` simulated devices, so a v5e-64
+or 8xH100 mesh compiles here. Nothing is materialised: parameters, optimizer state and the batch
+are `jax.ShapeDtypeStruct`s with their shardings, and `jit(...).lower(...).compile()` gives
+XLA's `memory_analysis()` for one device. Parameter and optimizer bytes are exact shard sizes;
+"activations + temporaries" is XLA's temp allocation (saved activations for the backward pass
+and scratch); the total adds the step's arguments and outputs (donated buffers counted once).
+XLA:CPU's schedule is not XLA:TPU's or XLA:GPU's, so treat the temp figure as an estimate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xblip_jax import config_utils, sharding
+from xblip_jax.data import pipeline
+from xblip_jax.models import build
+from xblip_jax.models.assembly import PromptIds
+from xblip_jax.train import metrics as metrics_lib
+from xblip_jax.train import model_init, optim
+from xblip_jax.train import step as step_lib
+
+GIB = 1024 ** 3
+# Usable HBM per device (what the runtime reports), by accelerator name.
+ACCELERATORS = {"v5e": 16 * GIB, "v5p": 95 * GIB, "h100": 80 * GIB}
+
+
+def abstract_batch(config, modality: str, batch_size: int, mesh) -> dict[str, Any]:
+  """Shapes of a training batch of one modality, sharded like `trainer.to_global`."""
+  media = config_utils.build(pipeline.MediaOptions, dict(config.data.media), "data.media")
+  text = config.text
+  s = media.image_size
+  shapes = {
+      "image": {"image": ((s, s, 3), jnp.float32)},
+      "video": {"video": ((media.n_frms, s, s, 3), jnp.float32)},
+      "audio": {"audio": ((media.num_clips, media.frames_per_clip, 128), jnp.float32),
+                "audio_clip_mask": ((media.num_clips,), jnp.bool_),
+                "audio_padding_mask": ((media.num_clips, media.frames_per_clip), jnp.bool_)},
+      "pc": {"pc": ((media.npoints, 3), jnp.float32)},
+  }[modality]
+  for key in ("llm_text_ids", "llm_text_mask", "llm_text_labels"):
+    shapes[key] = ((int(text.llm_text_len),), jnp.int32)
+  for key in ("qformer_ids", "qformer_mask"):
+    shapes[key] = ((int(text.qformer_max_len),), jnp.int32)
+  return {k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype,
+                                  sharding=sharding.batch_sharding(mesh, len(shape) + 1))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def _prompt(modality: str) -> PromptIds:
+  """Cue ids of the reference's lengths (`</s>` + 2 tokens); only lengths matter here."""
+  return PromptIds(cues=((modality, (2, 10, 11)),), clean_tokenization=True)
+
+
+def plan(config) -> dict[str, Any]:
+  """Per-device memory of one training step of `config.plan.modality` on `config.mesh`."""
+  modality = config.plan.get("modality") or config.data.modalities[0]
+  devices = int(config.plan.devices) or len(jax.devices())
+  if len(jax.devices()) < devices:
+    raise RuntimeError(f"{devices} devices needed, {len(jax.devices())} present")
+  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:devices])
+  batch_size = int(config.data.batch_size)
+  microbatches = int(config.train.get("microbatches", 1))
+  if batch_size % (sharding.batch_shards(mesh) * microbatches):
+    raise config_utils.ConfigError(f"batch {batch_size} does not split over data x fsdp = "
+                                   f"{sharding.batch_shards(mesh)} x {microbatches} microbatches")
+  t0 = time.perf_counter()
+  graphdef, params, rest, p_sh, r_sh = model_init.abstract_state(config, (modality,), None, mesh)
+  tx = optim.make_optimizer(config_utils.build(optim.OptimConfig, config.optim, "optim"))
+  train_rules, _ = model_init.rule_sets(config)
+  opt_sh = step_lib.opt_state_shardings(tx, params, mesh, train_rules)
+  opt_state = jax.eval_shape(tx.init, params)
+  shardings = step_lib.StepShardings(p_sh, opt_sh, r_sh, mesh)
+  prompt = _prompt(modality)
+  step = step_lib.make_train_step(graphdef, tx, prompt, shardings=shardings,
+                                  microbatches=microbatches)
+  batch = abstract_batch(config, modality, batch_size, mesh)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shardings.replicated)
+  with jax.set_mesh(mesh):
+    lowered = step.lower(sharding.abstract_with_shardings(params, p_sh),
+                         sharding.abstract_with_shardings(opt_state, opt_sh),
+                         sharding.abstract_with_shardings(rest, r_sh), batch, key, (modality,))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+  t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  bridge, enc_cfgs = build.xblip_config(config.model, (modality,))
+  media = config_utils.build(pipeline.MediaOptions, dict(config.data.media), "data.media")
+  flops = metrics_lib.example_flops(
+      metrics_lib.param_sizes(params, rest), bridge, enc_cfgs, (modality,), media=media,
+      llm_text_len=int(config.text.llm_text_len), qformer_len=int(config.text.qformer_max_len),
+      prompt=prompt)
+  out = {
+      "modality": modality, "devices": devices, "mesh": dict(mesh.shape),
+      "global_batch": batch_size, "microbatches": microbatches,
+      "trainable_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+      "frozen_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(rest))),
+      "bytes": {
+          "trainable_params": sharding.sharded_bytes(params, p_sh),
+          "frozen_params": sharding.sharded_bytes(rest, r_sh),
+          "optimizer_state": sharding.sharded_bytes(opt_state, opt_sh),
+          "batch": sum(sharding.sharded_bytes(v, v.sharding) for v in batch.values()),
+          "activations_and_temporaries": int(mem.temp_size_in_bytes),
+          "total": int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+      },
+      "xla": {"argument": int(mem.argument_size_in_bytes),
+              "output": int(mem.output_size_in_bytes), "alias": int(mem.alias_size_in_bytes),
+              "temp": int(mem.temp_size_in_bytes)},
+      "flops_per_example": {"encoders": flops.encoders, "qformer": flops.qformer,
+                            "llm": flops.llm, "total": flops.total},
+      "llm_tokens_per_example": flops.llm_tokens,
+      "seconds": {"abstract": round(t1 - t0, 1), "compile": round(t2 - t1, 1)},
+  }
+  out["fits"] = {name: out["bytes"]["total"] <= hbm for name, hbm in ACCELERATORS.items()}
+  return out
+
+
+def table(result: dict[str, Any]) -> str:
+  """A human-readable summary of `plan`'s result."""
+  b = result["bytes"]
+  gib = lambda n: f"{n / GIB:8.3f} GiB"
+  rows = [f"modality {result['modality']}  mesh {result['mesh']}  global batch "
+          f"{result['global_batch']} ({result['microbatches']} microbatch(es))",
+          f"parameters: {result['trainable_params']:,} trainable, "
+          f"{result['frozen_params']:,} frozen",
+          "per-device memory:"]
+  rows += [f"  {name:28s}{gib(b[name])}" for name in (
+      "trainable_params", "frozen_params", "optimizer_state", "batch",
+      "activations_and_temporaries", "total")]
+  rows.append("fits: " + ", ".join(f"{k} ({ACCELERATORS[k] // GIB} GiB): "
+                                   f"{'yes' if v else 'NO'}" for k, v in result["fits"].items()))
+  f = result["flops_per_example"]
+  rows.append(f"training FLOPs per example: {f['total']:.3e} (encoders {f['encoders']:.2e}, "
+              f"Q-Former {f['qformer']:.2e}, LLM {f['llm']:.2e}); "
+              f"{result['llm_tokens_per_example']} LLM tokens")
+  rows.append(f"abstract build {result['seconds']['abstract']} s, "
+              f"compile {result['seconds']['compile']} s")
+  return "\n".join(rows)
