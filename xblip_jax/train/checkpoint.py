@@ -164,37 +164,42 @@ def init_params(path: str, abstract_params, shardings) -> tuple[Any, list[str], 
     tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", meta)
     for key in prefix:
       tree = tree[key]
-    theirs = {_path(p): v for p, v in _flatten(tree)}
+    theirs = dict(_flatten(tree))
     ours = {"/".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(abstract_params)}
-    sh = dict(nnx.to_flat_state(shardings))
+    sh = {p: _value(v) for p, v in nnx.to_flat_state(shardings)}
     common = sorted(set(theirs) & set(ours))
-    bad = [k for k in common if tuple(theirs[k].shape) != tuple(ours[k][1].shape)]
+    shape = lambda k: tuple(_value(ours[k][1]).shape)
+    bad = [k for k in common if tuple(theirs[k].shape) != shape(k)]
     if bad:
       raise ValueError("init_from: mis-shaped parameters: " + ", ".join(
-          f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k][1].shape)}" for k in bad))
+          f"{k} {tuple(theirs[k].shape)} vs {shape(k)}" for k in bad))
     target: dict = {}
     for k in common:
       node = target
       parts = k.split("/")
       for part in parts[:-1]:
         node = node.setdefault(part, {})
-      value = ours[k][1]
+      value = _value(ours[k][1])
       node[parts[-1]] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sh[ours[k][0]])
     for key in reversed(prefix):
       target = {key: target}
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target)
     loaded = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
+        item=target, restore_args=restore_args, transforms={}))
   for key in prefix:
     loaded = loaded[key]
   flat = {k: v for k, v in _flatten(loaded)}
-  state = nnx.from_flat_state([(ours[k][0], flat[k]) for k in common])
+  state = nnx.from_flat_state([(ours[k][0], ours[k][1].replace(flat[k])) for k in common])
   missing = sorted(set(ours) - set(theirs))
   unexpected = sorted(set(theirs) - set(ours))
   logging.info("init_from %s: %d tensors loaded, %d missing, %d unexpected", path, len(common),
                len(missing), len(unexpected))
   return state, missing, unexpected
+
+
+def _value(x):
+  return x.get_value() if isinstance(x, nnx.Variable) else x
 
 
 def _path(p) -> str:
