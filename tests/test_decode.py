@@ -198,6 +198,20 @@ def test_sampling_seeded(models):
   np.testing.assert_array_equal(tiny[0], _ours(ours, _v5(repetition_penalty=1.5), emb, mask)[0])
 
 
+def test_beam_sampling_seeded(models):
+  """Beam sampling (HF 4.33 `beam_sample`): reproducible under a key, varies across keys."""
+  _, ours = models
+  emb, mask = _prompt(4)
+  cfg = _v5(num_beams=3, do_sample=True, top_p=0.9, temperature=2.0)
+  a, scores = _ours(ours, cfg, emb, mask, jax.random.key(0))
+  np.testing.assert_array_equal(a, _ours(ours, cfg, emb, mask, jax.random.key(0))[0])
+  assert any((_ours(ours, cfg, emb, mask, jax.random.key(s))[0] != a).any() for s in (1, 2))
+  assert np.isfinite(scores).all() and ((a >= 0) & (a < VOCAB)).all()
+  for row in a:  # nothing but padding after an EOS
+    hit = np.flatnonzero(row == EOS)
+    assert not hit.size or (row[hit[0] + 1:] == PAD).all()
+
+
 def test_processors_match_hf():
   from transformers.generation import logits_process as hfp  # pylint: disable=C0415
   rng = np.random.default_rng(0)

@@ -163,7 +163,8 @@ def generate(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Arra
   Args:
     llm: `xblip_jax.models.llm.llama.Llama`.
     inputs_embeds: prompt embeddings.
-    attention_mask: 1 for real prompt tokens, 0 for padding.
+    attention_mask: 1 for real prompt tokens, 0 for padding (left or inside the prompt; the
+      last position of every row must be a real token, decoding continues from it).
     cfg: decoding settings (static).
     key: PRNG key for sampling: one key, or `B` keys (one stream per row, so a row's sample does
       not depend on the rest of the batch). Ignored without `do_sample`.

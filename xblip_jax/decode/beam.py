@@ -1,7 +1,7 @@
 """Beam search (and beam sampling) with a KV cache, following HF `generate` (see `api.py`).
 
 The prompt is prefilled once for `B` rows; the cache is then repeated `K = num_beams` times and
-reordered by parent beam after every step. Per step and batch row:
+its generated slots are reordered by parent beam after every step. Per step and batch row:
 
 1. log-softmax of each beam's logits, processors (repetition penalty over the beam's history,
    min-length EOS mask), plus the beam's running score;
@@ -15,6 +15,10 @@ reordered by parent beam after every step. Per step and batch row:
 
 At the maximum length the running beams are finalised too (4.33: the `K` running beams unless
 the row stopped; 5: the `K` best-ranked continuations). A stopped row adds nothing more.
+
+Beam sampling follows 4.33 for either `hf_version` (transformers 5 warps each beam's
+log-probabilities before adding the running score and does not sort the draws); sampled
+sequences cannot match torch's token for token anyway (different random streams).
 """
 
 from __future__ import annotations
@@ -130,18 +134,25 @@ def _advance(step, logits, state: BeamState, keys, cfg: "DecodeConfig", knobs: "
   return state, parents, toks
 
 
-def _reorder(cache, rows: Int[Array, "R"]):
-  return cache.replace(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
-                       mask=jnp.take(cache.mask, rows, axis=0))
+def _reorder(cache, rows: Int[Array, "R"], start: int):
+  """Gathers each row's parent beam into the cache slots from `start` (the generated tokens).
+
+  Slots before `start` hold the prompt, identical for all beams of a batch row (and parents
+  never cross batch rows), and the key mask is the same for every beam: neither needs moving.
+  """
+  def gen(x):
+    return x.at[:, :, start:].set(jnp.take(x[:, :, start:], rows, axis=1))
+
+  return cache.replace(k=gen(cache.k), v=gen(cache.v))
 
 
 def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
                 cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None
                 ) -> tuple[Int[Array, "B N"], Float[Array, "B"]]:
   """Best hypothesis per row `(B, max_new_tokens)` (EOS kept, then pad) and its HF score."""
-  b = inputs_embeds.shape[0]
+  b, t, _ = inputs_embeds.shape
   k, n = cfg.num_beams, cfg.max_new_tokens
-  logits, cache = prefill(llm, inputs_embeds, attention_mask, n - 1)
+  logits, cache = prefill(llm, inputs_embeds, attention_mask, n)
   keys = row_keys(key, b) if cfg.do_sample else None
   # The prompt is shared by a row's beams: repeat the prefilled cache, not the prefill.
   cache = cache.replace(k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1),
@@ -161,13 +172,9 @@ def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[A
     step, state, logits, cache = carry
     state, parents, toks = _advance(step, logits, state, keys, cfg, knobs)
 
-    def forward():
-      reordered = _reorder(cache, (parents + offsets).reshape(-1))
-      return feed(llm, toks.reshape(-1), reordered)
-
-    # The last tokens are never fed: skip the forward pass once the loop is about to end.
-    logits, cache = jax.lax.cond((step + 1 < n) & ~jnp.all(state.done), forward,
-                                 lambda: (logits, cache))
+    # Unconditional (the last call is wasted): a `lax.cond` here makes XLA copy the cache.
+    cache = _reorder(cache, (parents + offsets).reshape(-1), t)
+    logits, cache = feed(llm, toks.reshape(-1), cache)
     return step + 1, state, logits, cache
 
   carry = (jnp.zeros((), jnp.int32), state, jnp.repeat(logits, k, axis=0), cache)

@@ -1,8 +1,9 @@
 """Single-beam decoding (greedy or nucleus sampling) with a KV cache, HF `generate` semantics.
 
 The prompt is prefilled once; then one token per row per step in a `lax.while_loop` that ends
-when every row has emitted EOS or `max_new_tokens` tokens exist. The last token is never fed
-back, so the cache holds `T + max_new_tokens - 1` slots.
+when every row has emitted EOS or `max_new_tokens` tokens exist. Each step feeds its token back
+(the last feed is wasted but cheaper than a conditional), so the cache holds
+`T + max_new_tokens` slots.
 
 Per step (HF order): repetition penalty over the row's history, EOS suppression below the
 minimum length, then for sampling temperature / top-k / top-p and one categorical draw from the
@@ -18,18 +19,34 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from xblip_jax.decode import logits as lp
+from xblip_jax.models.llm.llama import lax_precision
 
 if TYPE_CHECKING:
   from xblip_jax.decode.api import DecodeConfig, Knobs
 
 
+def lm_head(llm, hidden: Float[Array, "B D"]) -> Float[Array, "B V"]:
+  """`llm`'s LM head (or tied embedding) on final-norm hidden states, float32 logits."""
+  if llm.lm_head is None:
+    table = llm.embed_tokens.embedding[...].astype(hidden.dtype)
+    logits = jnp.einsum("bd,vd->bv", hidden, table, precision=lax_precision(llm.precision))
+  else:
+    logits = llm.lm_head(hidden)
+  return logits.astype(jnp.float32)
+
+
 def prefill(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
             extra_slots: int):
-  """Runs the prompt once; returns the last position's logits `(B, V)` and the cache."""
+  """Runs the prompt once; returns the last position's logits `(B, V)` and the cache.
+
+  Only the last position goes through the LM head (as HF's `logits_to_keep=1`): under `jit` the
+  full-sequence logits that `llm` also returns are dead code (the head is most of a small
+  model's prefill).
+  """
   b, t, _ = inputs_embeds.shape
   cache = llm.init_cache(b, t + max(extra_slots, 0))
   out = llm(inputs_embeds, attention_mask=attention_mask, cache=cache)
-  return out.logits[:, -1], out.cache
+  return lm_head(llm, out.hidden_states[:, -1]), out.cache
 
 
 def feed(llm, tokens: Int[Array, "R"], cache):
@@ -67,7 +84,7 @@ def decode(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array,
   """Greedy (`cfg.do_sample` False) or sampled ids `(B, max_new_tokens)` and summed log-probs."""
   b = inputs_embeds.shape[0]
   n = cfg.max_new_tokens
-  logits, cache = prefill(llm, inputs_embeds, attention_mask, n - 1)
+  logits, cache = prefill(llm, inputs_embeds, attention_mask, n)
   keys = row_keys(key, b) if cfg.do_sample else None
   eos = -1 if cfg.eos_id is None else cfg.eos_id
 
@@ -89,10 +106,8 @@ def decode(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array,
     score = score + jnp.where(done, 0.0, logp)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
     done = done | (tok == eos)
-    # The last token is never fed: skip the forward pass once the loop is about to end.
-    logits, cache = jax.lax.cond(
-        (step + 1 < n) & ~jnp.all(done),
-        lambda: feed(llm, jnp.maximum(tok, 0), cache), lambda: (logits, cache))
+    # Unconditional (the last call is wasted): a `lax.cond` here makes XLA copy the cache.
+    logits, cache = feed(llm, jnp.maximum(tok, 0), cache)
     return step + 1, tokens, done, score, logits, cache
 
   carry = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_id, jnp.int32),
