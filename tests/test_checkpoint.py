@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 
 from xblip_jax import sharding
-from xblip_jax.models.layers import dense
-from xblip_jax.models.layers import Precision
+from xblip_jax.models.layers import Precision, dense
 from xblip_jax.train import checkpoint
 
 

@@ -1,7 +1,8 @@
 """X-InstructBLIP Vicuna-13B video Q-Former (LAVIS `train/vicuna13b/`); see `configs/common.py`.
 
     python -m xblip_jax.main --config configs/vicuna13b/video.py:h100x8 --workdir DIR
-    python -m xblip_jax.main --config configs/vicuna13b/video.py:v5e-64 --workdir DIR --config.mode=plan
+    python -m xblip_jax.main --config configs/vicuna13b/video.py:v5e-64 --workdir DIR \\
+        --config.mode=plan
 """
 
 import os

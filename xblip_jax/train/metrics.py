@@ -81,9 +81,9 @@ def encoder_tokens(modality: str, enc_cfg, media) -> tuple[int, int]:
   return 1, enc_cfg.num_group + 1
 
 
-def example_flops(sizes: Mapping[str, int], bridge, enc_cfgs: Mapping[str, Any], order: Sequence[str], *,
-                  media, llm_text_len: int, qformer_len: int, prompt: assembly.PromptIds
-                  ) -> FlopCount:
+def example_flops(sizes: Mapping[str, int], bridge, enc_cfgs: Mapping[str, Any],
+                  order: Sequence[str], *, media, llm_text_len: int, qformer_len: int,
+                  prompt: assembly.PromptIds) -> FlopCount:
   """Analytic training FLOPs of one example of modalities `order` (see the module docstring).
 
   Args:

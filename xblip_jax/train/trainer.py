@@ -160,9 +160,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
                                     pad_id=inputs.llm_tokenizer.pad_id, shardings=shardings)
   bridge, enc_cfgs = build.xblip_config(config.model, inputs.modalities, vocab)
   sizes = metrics_lib.param_sizes(params, rest)
-  flops = lambda order: metrics_lib.example_flops(
-      sizes, bridge, enc_cfgs, order, media=inputs.media, llm_text_len=int(config.text.llm_text_len),
-      qformer_len=int(config.text.qformer_max_len), prompt=prompt)
+
+  def flops(order):
+    return metrics_lib.example_flops(
+        sizes, bridge, enc_cfgs, order, media=inputs.media,
+        llm_text_len=int(config.text.llm_text_len),
+        qformer_len=int(config.text.qformer_max_len), prompt=prompt)
 
   # --- Loop -------------------------------------------------------------------------------
   num_steps = int(config.train.num_steps)
