@@ -5,7 +5,8 @@
 Writes the demo data (real on-disk formats, all four modalities) under `<workdir>/demo_data`
 unless `data.root` points at an existing copy, trains a small LLaMA-style tokenizer on its text,
 trains the Q-Former bridges of image, video, audio and 3D (one modality per batch, frozen
-random-init encoders and LLM), then evaluates held-out QA accuracy, captions and DisCRn.
+random-init encoders, an LLM pretrained on the demo text), then evaluates held-out QA
+accuracy and the two-modality DisCRn questions.
 """
 
 import ml_collections
@@ -27,11 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       demo=True,                       # write/read the bundled synthetic data
       root="",                         # "" -> <workdir>/demo_data
       modalities=("image", "video", "audio", "pc"),
-      train_datasets=("image_qa", "image_caption", "video_qa", "video_caption",
-                      "audiocaps_qa", "audiocaps_caption", "clotho_caption",
-                      "pc_qa", "pc_caption"),
+      train_datasets=("image_qa", "video_qa", "audiocaps_qa", "pc_qa"),
       eval_datasets=("image_qa", "video_qa", "audiocaps_qa", "pc_qa",
-                     "image_caption", "discrn_image_pc", "discrn_video_audio"),
+                     "discrn_image_pc", "discrn_video_audio"),
       batch_size=16,
       eval_batch_size=16,
       num_threads=2,
@@ -49,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           image=dict(preset="tiny", img_size=48, patch_size=8, width=48, depth=2),
           video=dict(preset="tiny", img_size=48, patch_size=8, width=48, depth=2),
           audio=dict(preset="tiny"),
-          pc=dict(preset="tiny", npoints=8192),
+          pc=dict(preset="tiny", npoints=8192, num_group=64, group_size=32),
       ),
       qformer=dict(preset="tiny", vocab_size=30523, hidden_size=96, num_layers=2, num_heads=4,
                    intermediate_size=192, max_position_embeddings=64, hidden_dropout=0.0,
@@ -62,9 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       llm_init="demo",                 # pretrain the tiny LLM on the demo text once, then freeze
       demo_llm=dict(steps=400, batch_size=32, lr=3e-3),
   )
-  c.optim = dict(init_lr=1e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=100,
+  c.optim = dict(init_lr=2e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=300,
                  num_epochs=4, weight_decay=0.05)
-  c.train = dict(num_steps=600, log_every=20, checkpoint_every=100, keep_checkpoints=2,
+  c.train = dict(num_steps=1200, log_every=20, checkpoint_every=100, keep_checkpoints=2,
                  microbatches=1, tensorboard=True, peak_tflops=0.0)
   c.eval = dict(max_new_tokens=8, num_examples=64)
   return c
