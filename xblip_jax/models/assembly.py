@@ -103,13 +103,16 @@ def causal_lm_loss(logits: Float[Array, "B T V"], labels: Int[Array, "B T"]
   """Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` over supervised tokens.
 
   A token-level mean over the whole batch, as the reference's HF loss. Returns (loss, count).
+  The labels are shifted instead of the logits (a slice of `(B, T, V)` logits is a copy), and
+  the target logit is picked with a one-hot select rather than a gather, whose gradient would
+  scatter into a zero-filled `(B, T, V)` buffer; the backward pass is then one elementwise pass.
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
+  targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
   valid = targets != IGNORE
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
   count = valid.sum()
-  loss = -(picked * valid).sum() / jnp.maximum(count, 1)
+  loss = jnp.sum(jnp.where(valid, lse - picked, 0.0)) / jnp.maximum(count, 1)
   return loss, count
-
