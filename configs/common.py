@@ -84,7 +84,7 @@ def get_config(size: str, modality: str, target: str | None = None) -> ml_collec
   c.mesh = mesh_for(TARGETS[target]["devices"], global_batch)
   c.sharding = dict(trainable="fsdp", frozen="fsdp_tensor")
   c.plan = dict(devices=TARGETS[target]["devices"], accelerator=TARGETS[target]["accelerator"],
-                modality=modality)
+                modality=modality, compile=True)
   c.data = dict(
       demo=False, root="", modalities=(modality,),
       train_datasets=tuple(name for name, _ in datasets),

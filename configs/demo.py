@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.distributed = False              # jax.distributed.initialize() (multi-host)
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.sharding = dict(trainable="fsdp_tensor", frozen="fsdp_tensor")
-  c.plan = dict(devices=8, accelerator="", modality="image")
+  c.plan = dict(devices=8, accelerator="", modality="image", compile=True)
 
   c.data = dict(
       demo=True,                       # write/read the bundled synthetic data
