@@ -103,7 +103,8 @@ def get_config(size: str, modality: str, target: str | None = None) -> ml_collec
       bridge=dict(num_query_tokens=32, layout="single", text_pairing="interleave",
                   use_cues=True),
       precision=dict(trainable="bf16_compute", llm="bf16", encoders="bf16"),
-      llm_init="",              # Orbax directory of the converted Vicuna parameters
+      llm_init="random",        # Orbax directory of the converted Vicuna parameters
+      encoders_init={modality: ""},  # Orbax directory of the converted encoder
   )
   c.optim = dict(init_lr=1e-5, min_lr=0.0, warmup_lr=1e-8, warmup_steps=1000,
                  iters_per_epoch=inner, num_epochs=iters // inner, weight_decay=0.05,

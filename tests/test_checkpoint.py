@@ -76,3 +76,35 @@ def test_constrain_is_a_no_op_without_a_mesh():
   x = jnp.ones((4, 3))
   assert sharding.constrain(x, ("batch", "embed")) is x
   assert jax.jit(lambda y: sharding.constrain(y, ("batch", None)))(x).shape == (4, 3)
+
+
+def test_pretrained_towers_load_into_their_shards(tmp_path):
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  from xblip_jax.train import model_init  # pylint: disable=import-outside-toplevel
+
+  sys.path.insert(0, str(REPO / "configs"))
+  import demo as demo_config  # pylint: disable=import-outside-toplevel
+
+  config = demo_config.get_config()
+  mesh = sharding.make_mesh({"fsdp": -1})
+  source = model_init.create_sharded(config, ("image",), 384, mesh).merge()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "eva", nnx.state(source.encoders["image"]))
+    ckptr.save(tmp_path / "llm", nnx.state(source.llm))
+  config.seed = 1
+  other = model_init.create_sharded(config, ("image",), 384, mesh)
+  loaded = model_init.create_sharded(config, ("image",), 384, mesh, weights={
+      ("encoders", "image"): tmp_path / "eva", ("llm",): tmp_path / "llm"})
+  for key in ("encoders", "llm"):
+    want = jax.tree.leaves(nnx.state(getattr(source, key)))
+    got = jax.tree.leaves(loaded.rest[key])
+    assert len(want) == len(got)
+    for a, b in zip(want, got, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Trainable parameters still come from the seed; the frozen towers from the files.
+  diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  assert diff(loaded.params, other.params) == 0.0
+  assert diff(loaded.rest["llm"], other.rest["llm"]) > 0.0

@@ -182,22 +182,32 @@ def build_inputs(config, workdir: Path) -> Inputs:
   return Inputs(config, workdir)
 
 
-def llm_weights(config, inputs: Inputs) -> Path | None:
-  """Where the frozen LLM's weights come from (`model.llm_init`), or None for random weights.
+def pretrained_weights(config, inputs: Inputs) -> dict[tuple[str, ...], Path]:
+  """Orbax directories of the pretrained frozen towers, by model path.
 
-  "demo": the demo LLM, pretrained on the demo text once (`demo_llm.py`); "random"; otherwise
-  an Orbax directory holding the LLM's parameter tree (as the converters write it).
+  `model.llm_init`: "random", "demo" (the demo LLM, pretrained on the demo text once, see
+  `demo_llm.py`) or an Orbax directory of the LLM's parameter tree (as the converters write
+  it); `model.encoders_init`: `{modality: Orbax directory}` (absent: random encoders).
   """
+  out: dict[tuple[str, ...], Path] = {}
   llm_init = config.model.get("llm_init", "random")
-  if llm_init == "random":
-    return None
   if llm_init == "demo":
     from xblip_jax.train import demo_llm  # pylint: disable=import-outside-toplevel
 
-    return demo_llm.ensure_pretrained(inputs, config)
-  path = Path(llm_init)
-  if not path.is_dir():
-    raise config_utils.ConfigError(
-        f"model.llm_init={llm_init!r}: choose 'demo', 'random' or an existing Orbax directory "
-        "of the LLM's parameters")
-  return path
+    out[("llm",)] = demo_llm.ensure_pretrained(inputs, config)
+  elif llm_init not in ("random", ""):
+    out[("llm",)] = _existing(llm_init, "model.llm_init")
+  for modality, path in dict(config.model.get("encoders_init", None) or {}).items():
+    if modality not in inputs.modalities:
+      raise config_utils.ConfigError(f"model.encoders_init.{modality}: not a configured "
+                                     f"modality {inputs.modalities}")
+    if path:
+      out[("encoders", modality)] = _existing(path, f"model.encoders_init.{modality}")
+  return out
+
+
+def _existing(path: str, where: str) -> Path:
+  if not Path(path).is_dir():
+    raise config_utils.ConfigError(f"{where}={path!r}: not an Orbax directory of parameters "
+                                   "(use 'random' for random weights)")
+  return Path(path)

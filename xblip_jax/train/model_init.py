@@ -5,15 +5,16 @@
     params, rest = jax.jit(create, out_shardings=shardings)()
 
 Towers with pretrained weights (`model.llm_init`: "demo" or an Orbax directory of the LLM's
-parameters) are left out of `create` (XLA drops their random initialisation) and restored
-straight into their shards by Orbax, each host reading only its own pieces.
+parameters; `model.encoders_init[<modality>]`: an Orbax directory of that encoder's) are left
+out of `create` (XLA drops their random initialisation) and restored straight into their
+shards by Orbax, each host reading only its own pieces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -57,14 +58,24 @@ def rule_sets(config) -> tuple[sharding.Rules, sharding.Rules]:
           sharding.rules(cfg.get("frozen", "fsdp_tensor")))
 
 
-def _never(path: tuple, value) -> bool:
-  del path, value
-  return False
+def _under(prefixes: tuple[tuple[str, ...], ...]):
+  """NNX filter: variables under any of the `prefixes` (paths of pretrained towers)."""
+  def keep(path: tuple, value) -> bool:
+    del value
+    return any(tuple(path[:len(p)]) == p for p in prefixes)
+  return keep
 
 
-def _pretrained(path: tuple, value) -> bool:
-  del value
-  return bool(path) and path[0] == "llm"
+def _subtree(state, prefix: tuple[str, ...]):
+  for key in prefix:
+    state = state[key]
+  return state
+
+
+def _nest(prefix: tuple[str, ...], value):
+  for key in reversed(prefix):
+    value = {key: value}
+  return value
 
 
 def restore_into_shards(path: Path, abstract_state, shardings):
@@ -84,13 +95,20 @@ def abstract_state(config, modalities, vocab_size, mesh):
 
 
 def create_sharded(config, modalities, vocab_size: int | None, mesh, *,
-                   llm_path: Path | None) -> ShardedModel:
-  """Materialises the model on `mesh`; the LLM comes from `llm_path` when given."""
+                   weights: Mapping[tuple[str, ...], Path] | None = None) -> ShardedModel:
+  """Materialises the model on `mesh`.
+
+  Args:
+    weights: pretrained towers, `{("llm",): dir, ("encoders", "image"): dir, ...}`: each an
+      Orbax directory of that subtree's parameters, read straight into its shards; those towers
+      are never randomly initialised.
+  """
+  weights = dict(weights or {})
   build = builder(config, modalities, vocab_size)
   abstract = nnx.eval_shape(build)
   train_rules, frozen_rules = rule_sets(config)
   graphdef, a_params, a_rest = nnx.split(abstract, trainable, ...)
-  skip = _pretrained if llm_path is not None else _never
+  skip = _under(tuple(weights))
   _, _, a_pre, a_other = nnx.split(abstract, trainable, skip, ...)
   p_sh = sharding.named_shardings(a_params, mesh, train_rules)
 
@@ -102,9 +120,10 @@ def create_sharded(config, modalities, vocab_size: int | None, mesh, *,
     params, other = jax.jit(create, out_shardings=(
         p_sh, sharding.named_shardings(a_other, mesh, frozen_rules)))()
   states = [params, other]
-  if llm_path is not None:
-    pre_sh = sharding.named_shardings(a_pre, mesh, frozen_rules)
-    states.append(nnx.State({"llm": restore_into_shards(llm_path, a_pre["llm"], pre_sh["llm"])}))
+  pre_sh = sharding.named_shardings(a_pre, mesh, frozen_rules)
+  for prefix, path in weights.items():
+    loaded = restore_into_shards(path, _subtree(a_pre, prefix), _subtree(pre_sh, prefix))
+    states.append(nnx.State(_nest(prefix, loaded)))
   _, params, rest = nnx.split(nnx.merge(graphdef, *states), trainable, ...)
   return ShardedModel(graphdef, params, rest, p_sh,
                       sharding.named_shardings(a_rest, mesh, frozen_rules), mesh)

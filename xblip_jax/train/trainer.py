@@ -110,7 +110,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   # --- Model and optimizer ----------------------------------------------------------------
   vocab = inputs.llm_tokenizer.vocab_size
   model = model_init.create_sharded(config, inputs.modalities, vocab, mesh,
-                                    llm_path=inputs_lib.llm_weights(config, inputs))
+                                    weights=inputs_lib.pretrained_weights(config, inputs))
   graphdef, params, rest = model.graphdef, model.params, model.rest
   ocfg = config_utils.build(optim.OptimConfig, config.optim, "optim")
   tx = optim.make_optimizer(ocfg)
