@@ -1,7 +1,9 @@
 """`init_from`: trainable parameters from another checkpoint, partial trees reported by name;
-mesh sizes, rule sets and even shardings."""
+pretrained frozen towers restored into their shards; mesh sizes, rule sets, even shardings."""
 
 from __future__ import annotations
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +12,13 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import REPO
 from xblip_jax import sharding
 from xblip_jax.models.layers import Precision, dense
-from xblip_jax.train import checkpoint
+from xblip_jax.train import checkpoint, model_init
+
+sys.path.insert(0, str(REPO / "configs"))
+import demo as demo_config  # noqa: E402  pylint: disable=wrong-import-position
 
 
 class _Bridge(nnx.Module):
@@ -79,14 +85,6 @@ def test_constrain_is_a_no_op_without_a_mesh():
 
 
 def test_pretrained_towers_load_into_their_shards(tmp_path):
-  import sys  # pylint: disable=import-outside-toplevel
-
-  from conftest import REPO  # pylint: disable=import-outside-toplevel
-  from xblip_jax.train import model_init  # pylint: disable=import-outside-toplevel
-
-  sys.path.insert(0, str(REPO / "configs"))
-  import demo as demo_config  # pylint: disable=import-outside-toplevel
-
   config = demo_config.get_config()
   mesh = sharding.make_mesh({"fsdp": -1})
   source = model_init.create_sharded(config, ("image",), 384, mesh).merge()
