@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO
 from flax import nnx
 
-from conftest import REPO
 from xblip_jax import sharding
 from xblip_jax.models.layers import Precision, dense
 from xblip_jax.train import checkpoint, model_init
