@@ -34,14 +34,14 @@ def test_sharded_step_equals_single_device(result):
 
 def test_microbatches_equal_full_batch(result):
   np.testing.assert_allclose(result["losses"]["micro"], result["losses"]["single"], rtol=1e-6)
-  assert result["param_diff_micro"] < 1e-7
+  assert result["param_diff_micro"] < 5e-7
   assert result["grad_norm"]["micro"] == pytest.approx(result["grad_norm"]["single"], rel=1e-5)
 
 
 def test_remat_policies_train_the_same(result):
   # LLM remat "full" and EVA remat, under FSDP over 8 devices: recomputation reorders sums.
   np.testing.assert_allclose(result["losses"]["remat"], result["losses"]["single"], rtol=1e-6)
-  assert result["param_diff_remat"] < 1e-7
+  assert result["param_diff_remat"] < 5e-7
 
 
 def test_frozen_parameters_do_not_change(result):
