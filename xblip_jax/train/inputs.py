@@ -69,7 +69,9 @@ class Inputs:
                                      "main so far; real datasets use data.formats readers")
     if not (root / "manifest.json").exists():
       logging.info("writing demo data to %s", root)
-      demo.write_demo_data(root, seed=int(config.seed))
+      sizes = {k: tuple(v) for k, v in dict(data.get("demo_sizes", {})).items()}
+      demo.write_demo_data(root, seed=int(config.seed),
+                           sizes=config_utils.build(demo.DemoSizes, sizes, "data.demo_sizes"))
     self.root = root
     self.manifest = demo.load_manifest(root)
     self.train_names = tuple(data.train_datasets)
