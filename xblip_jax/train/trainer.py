@@ -6,6 +6,7 @@ summary. Every host runs this same program (SPMD); only process 0 writes logs an
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -161,6 +162,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   bridge, enc_cfgs = build.xblip_config(config.model, inputs.modalities, vocab)
   sizes = metrics_lib.param_sizes(params, rest)
 
+  @functools.lru_cache(maxsize=None)
   def flops(order):
     return metrics_lib.example_flops(
         sizes, bridge, enc_cfgs, order, media=inputs.media,
