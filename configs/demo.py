@@ -28,8 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       demo=True,                       # write/read the bundled synthetic data
       root="",                         # "" -> <workdir>/demo_data
       # Items per (train, val) split written for each family.
-      demo_sizes=dict(image=(384, 32), video=(192, 16), audiocaps=(256, 24), clotho=(32, 12),
-                      pc=(256, 24), discrn=(32, 16)),
+      demo_sizes=dict(image=(96, 32), video=(48, 16), audiocaps=(64, 24), clotho=(32, 12),
+                      pc=(64, 24), discrn=(32, 16)),
       modalities=("image", "video", "audio", "pc"),
       train_datasets=("image_qa", "video_qa", "audiocaps_qa", "pc_qa"),
       eval_datasets=("image_qa", "video_qa", "audiocaps_qa", "pc_qa",
