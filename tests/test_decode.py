@@ -65,7 +65,8 @@ def models():
 
 def _prompt(seed: int, b: int = B, t: int = T, lengths=None):
   """Embeddings and a mask; padding sits in the middle (the first token is real), as in
-  `[cue][soft tokens][left-padded instruction]`, unless `lengths` asks for left padding."""
+  `[cue][soft tokens][left-padded instruction]`, unless `lengths` asks for left padding (not
+  used against HF: transformers 5 then exempts early tokens from the repetition penalty)."""
   rng = np.random.default_rng(seed)
   emb = rng.normal(size=(b, t, HIDDEN)).astype(np.float32)
   mask = np.ones((b, t), np.int32)

@@ -21,6 +21,9 @@ empty `input_ids`: lengths count new tokens (EOS included), no BOS in the penalt
 early-stop test uses the best still-running beam, and at the maximum length only the `num_beams`
 best-ranked candidates are finalised. `max_new_tokens` / `min_new_tokens` here always count new
 tokens; `DecodeConfig.from_lavis` converts LAVIS' `max_len` / `min_len` for either version.
+Not reproduced: transformers 5 exempts the first `p` generated tokens of a row whose prompt
+starts with `p` padding positions from the repetition penalty (it treats them as prompt); in
+X-InstructBLIP's layout the first position is always real, so this never applies.
 """
 
 from __future__ import annotations
@@ -152,7 +155,8 @@ class Knobs:
 
 
 def generate(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
-             cfg: DecodeConfig, key: jax.Array | None = None, knobs: Knobs | None = None
+             cfg: DecodeConfig, key: jax.Array | None = None, knobs: Knobs | None = None,
+             head_table: Float[Array, "V D"] | None = None
              ) -> tuple[Int[Array, "B N"], Float[Array, "B"]]:
   """Decodes every row of a (left- or middle-padded) prompt; traceable under `jax.jit`.
 
@@ -169,6 +173,8 @@ def generate(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Arra
     key: PRNG key for sampling: one key, or `B` keys (one stream per row, so a row's sample does
       not depend on the rest of the batch). Ignored without `do_sample`.
     knobs: traced values of the penalties etc.; default `cfg.knobs()` (constants).
+    head_table: the LM head as a `(vocab, hidden)` matrix (`sampling.head_table`), faster on
+      CPU; default: `llm`'s own head.
 
   Returns:
     ids `(B, max_new_tokens)` (EOS kept, then `pad_id`) and per-row scores: beam search HF's
@@ -178,34 +184,39 @@ def generate(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Arra
   from xblip_jax.decode import beam, sampling  # pylint: disable=import-outside-toplevel
   knobs = cfg.knobs() if knobs is None else knobs
   if cfg.num_beams == 1:
-    return sampling.decode(llm, inputs_embeds, attention_mask, cfg, knobs, key)
-  return beam.beam_search(llm, inputs_embeds, attention_mask, cfg, knobs, key)
+    return sampling.decode(llm, inputs_embeds, attention_mask, cfg, knobs, key, head_table)
+  return beam.beam_search(llm, inputs_embeds, attention_mask, cfg, knobs, key, head_table)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, static: DecodeConfig, compiler_options: tuple) -> Callable:
-  def run(state, embeds, mask, key, knobs):
-    return generate(nnx.merge(graphdef, state), embeds, mask, static, key, knobs)
+  def run(state, embeds, mask, key, knobs, table):
+    return generate(nnx.merge(graphdef, state), embeds, mask, static, key, knobs, table)
 
   return jax.jit(run, compiler_options=dict(compiler_options) or None)
 
 
-def jit_generate(llm, cfg: DecodeConfig, compiler_options: dict | None = None) -> Callable:
+def jit_generate(llm, cfg: DecodeConfig, compiler_options: dict | None = None,
+                 head_table: bool | None = None) -> Callable:
   """A jitted `fn(inputs_embeds, attention_mask, key=None) -> (ids, scores)` for fixed weights.
 
   The module is split once, so a call only pays for the compiled program (`nnx.jit` would walk
   the module graph on every call). Programs are shared between configs that differ only in
   `Knobs` fields. `compiler_options` are XLA options for `jax.jit` (tests lower the backend
-  optimisation level to compile faster).
+  optimisation level to compile faster). `head_table` (default: on CPU) keeps a `(vocab,
+  hidden)` copy of the LM head for the faster CPU matmul (one extra head-sized array).
   """
+  from xblip_jax.decode.sampling import head_table as make_table, row_keys  # pylint: disable=C0415
   graphdef, state = nnx.split(llm)
   run = _compiled(graphdef, cfg.static_part(), tuple(sorted((compiler_options or {}).items())))
   knobs = cfg.knobs()
+  use_table = jax.default_backend() == "cpu" if head_table is None else head_table
+  table = jax.block_until_ready(jnp.array(make_table(llm))) if use_table else None
 
   def call(inputs_embeds, attention_mask, key=None):
     if key is not None and cfg.do_sample:  # one program for a single key and for row keys
-      from xblip_jax.decode.sampling import row_keys  # pylint: disable=import-outside-toplevel
       key = row_keys(key, inputs_embeds.shape[0])
-    return run(state, inputs_embeds, attention_mask, key if cfg.do_sample else None, knobs)
+    return run(state, inputs_embeds, attention_mask, key if cfg.do_sample else None, knobs,
+               table)
 
   return call

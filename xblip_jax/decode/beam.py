@@ -147,12 +147,13 @@ def _reorder(cache, rows: Int[Array, "R"], start: int):
 
 
 def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
-                cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None
+                cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None,
+                table: Float[Array, "V D"] | None = None
                 ) -> tuple[Int[Array, "B N"], Float[Array, "B"]]:
   """Best hypothesis per row `(B, max_new_tokens)` (EOS kept, then pad) and its HF score."""
   b, t, _ = inputs_embeds.shape
   k, n = cfg.num_beams, cfg.max_new_tokens
-  logits, cache = prefill(llm, inputs_embeds, attention_mask, n)
+  logits, cache = prefill(llm, inputs_embeds, attention_mask, n, table)
   keys = row_keys(key, b) if cfg.do_sample else None
   # The prompt is shared by a row's beams: repeat the prefilled cache, not the prefill.
   cache = cache.replace(k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1),
@@ -174,7 +175,7 @@ def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[A
 
     # Unconditional (the last call is wasted): a `lax.cond` here makes XLA copy the cache.
     cache = _reorder(cache, (parents + offsets).reshape(-1), t)
-    logits, cache = feed(llm, toks.reshape(-1), cache)
+    logits, cache = feed(llm, toks.reshape(-1), cache, table)
     return step + 1, state, logits, cache
 
   carry = (jnp.zeros((), jnp.int32), state, jnp.repeat(logits, k, axis=0), cache)

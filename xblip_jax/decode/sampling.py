@@ -25,18 +25,30 @@ if TYPE_CHECKING:
   from xblip_jax.decode.api import DecodeConfig, Knobs
 
 
-def lm_head(llm, hidden: Float[Array, "B D"]) -> Float[Array, "B V"]:
-  """`llm`'s LM head (or tied embedding) on final-norm hidden states, float32 logits."""
+def head_table(llm) -> Float[Array, "V D"]:
+  """The LM head as a `(vocab, hidden)` matrix (the tied embedding, or the kernel transposed).
+
+  XLA's CPU matmul is ~30 % faster with the vocabulary on the leading axis of the weight (a
+  `(V, D)` operand is read row by row); `jit_generate` builds this once per model on CPU.
+  """
   if llm.lm_head is None:
-    table = llm.embed_tokens.embedding[...].astype(hidden.dtype)
-    logits = jnp.einsum("bd,vd->bv", hidden, table, precision=lax_precision(llm.precision))
-  else:
-    logits = llm.lm_head(hidden)
+    return llm.embed_tokens.embedding[...]
+  return llm.lm_head.kernel[...].T
+
+
+def lm_head(llm, hidden: Float[Array, "B D"], table: Float[Array, "V D"] | None = None
+            ) -> Float[Array, "B V"]:
+  """`llm`'s LM head on final-norm hidden states (float32 logits), via `table` if given."""
+  if table is None and llm.lm_head is not None:
+    return llm.lm_head(hidden).astype(jnp.float32)
+  table = head_table(llm) if table is None else table
+  logits = jnp.einsum("bd,vd->bv", hidden, table.astype(hidden.dtype),
+                      precision=lax_precision(llm.precision))
   return logits.astype(jnp.float32)
 
 
 def prefill(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
-            extra_slots: int):
+            extra_slots: int, table: Float[Array, "V D"] | None = None):
   """Runs the prompt once; returns the last position's logits `(B, V)` and the cache.
 
   Only the last position goes through the LM head (as HF's `logits_to_keep=1`): under `jit` the
@@ -46,15 +58,15 @@ def prefill(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array
   b, t, _ = inputs_embeds.shape
   cache = llm.init_cache(b, t + max(extra_slots, 0))
   out = llm(inputs_embeds, attention_mask=attention_mask, cache=cache)
-  return lm_head(llm, out.hidden_states[:, -1]), out.cache
+  return lm_head(llm, out.hidden_states[:, -1], table), out.cache
 
 
-def feed(llm, tokens: Int[Array, "R"], cache):
+def feed(llm, tokens: Int[Array, "R"], cache, table: Float[Array, "V D"] | None = None):
   """One decoding step: feeds each row's last token, returns next logits `(R, V)`, cache."""
   rows = tokens.shape[0]
   out = llm(llm.embed(tokens[:, None]), attention_mask=jnp.ones((rows, 1), jnp.int32),
             cache=cache)
-  return out.logits[:, -1], out.cache
+  return lm_head(llm, out.hidden_states[:, -1], table), out.cache
 
 
 def process(scores: Float[Array, "R V"], history: Int[Array, "R N"], step: Int[Array, ""],
@@ -79,12 +91,13 @@ def row_keys(key: jax.Array | None, rows: int) -> jax.Array:
 
 
 def decode(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
-           cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None
+           cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None,
+           table: Float[Array, "V D"] | None = None
            ) -> tuple[Int[Array, "B N"], Float[Array, "B"]]:
   """Greedy (`cfg.do_sample` False) or sampled ids `(B, max_new_tokens)` and summed log-probs."""
   b = inputs_embeds.shape[0]
   n = cfg.max_new_tokens
-  logits, cache = prefill(llm, inputs_embeds, attention_mask, n)
+  logits, cache = prefill(llm, inputs_embeds, attention_mask, n, table)
   keys = row_keys(key, b) if cfg.do_sample else None
   eos = -1 if cfg.eos_id is None else cfg.eos_id
 
@@ -107,7 +120,7 @@ def decode(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array,
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
     done = done | (tok == eos)
     # Unconditional (the last call is wasted): a `lax.cond` here makes XLA copy the cache.
-    logits, cache = feed(llm, jnp.maximum(tok, 0), cache)
+    logits, cache = feed(llm, jnp.maximum(tok, 0), cache, table)
     return step + 1, tokens, done, score, logits, cache
 
   carry = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_id, jnp.int32),
