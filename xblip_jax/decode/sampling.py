@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from xblip_jax.decode import logits as lp
-from xblip_jax.models.llm.llama import lax_precision
 
 if TYPE_CHECKING:
   from xblip_jax.decode.api import DecodeConfig, Knobs
@@ -43,7 +42,7 @@ def lm_head(llm, hidden: Float[Array, "B D"], table: Float[Array, "V D"] | None 
     return llm.lm_head(hidden).astype(jnp.float32)
   table = head_table(llm) if table is None else table
   logits = jnp.einsum("bd,vd->bv", hidden, table.astype(hidden.dtype),
-                      precision=lax_precision(llm.precision))
+                      precision=llm.precision.lax_precision)
   return logits.astype(jnp.float32)
 
 

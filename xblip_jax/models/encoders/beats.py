@@ -35,19 +35,6 @@ from xblip_jax.models.layers import Precision
 _ATTN_ALPHA = 32.0  # the reference's fixed score rescaling factor
 
 
-def _lax_precision(precision: Precision) -> jax.lax.Precision:
-  # By member name: `Precision.lax_precision` calls the enum with "HIGHEST", which jax 0.10 rejects.
-  return jax.lax.Precision[precision.matmul_precision.upper()]
-
-
-def _dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-           precision: Precision, rngs: nnx.Rngs) -> nnx.Linear:
-  """`layers.dense` with the precision enum built as above."""
-  return nnx.Linear(
-      in_features, out_features, dtype=precision.jnp_dtype,
-      param_dtype=precision.jnp_param_dtype, precision=_lax_precision(precision),
-      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
 
 
 # LAVIS `BEATsConfig.__init__` defaults of the fields used here (before cfg.update).
@@ -184,7 +171,7 @@ class WeightNormConv1d(nnx.Module):
     y = jax.lax.conv_general_dilated(
         x.astype(dtype), self.weight().astype(dtype), window_strides=(1,),
         padding=[(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"),
-        feature_group_count=self.groups, precision=_lax_precision(self.precision))
+        feature_group_count=self.groups, precision=self.precision.lax_precision)
     if self.kernel % 2 == 0:  # SamePad: an even kernel yields one extra step
       y = y[:, :-1]
     y = y + self.bias[...].astype(dtype)
@@ -197,18 +184,18 @@ class BeatsAttention(nnx.Module):
   def __init__(self, cfg: BeatsConfig, *, precision: Precision, rngs: nnx.Rngs):
     d, h = cfg.encoder_embed_dim, cfg.encoder_attention_heads
     self.cfg, self.precision = cfg, precision
-    proj = lambda a: _dense(d, d, a, precision=precision, rngs=rngs)
+    proj = lambda a: layers.dense(d, d, a, precision=precision, rngs=rngs)
     self.q_proj = proj(("embed", "heads"))
     self.k_proj = proj(("embed", "heads"))
     self.v_proj = proj(("embed", "heads"))
     self.out_proj = proj(("heads", "embed"))
     if cfg.gru_rel_pos:
-      self.grep_linear = _dense(cfg.head_dim, 8, (None, None), precision=precision, rngs=rngs)
+      self.grep_linear = layers.dense(cfg.head_dim, 8, (None, None), precision=precision, rngs=rngs)
       self.grep_a = nnx.Param(jnp.ones((h,), precision.jnp_param_dtype), out_sharding=(None,))
 
   def __call__(self, x: Float[Array, "B N D"], key_padding_mask: Bool[Array, "B N"] | None,
                position_bias: Float[Array, "H N N"] | None) -> Float[Array, "B N D"]:
-    cfg, dtype, prec = self.cfg, self.precision.jnp_dtype, _lax_precision(self.precision)
+    cfg, dtype, prec = self.cfg, self.precision.jnp_dtype, self.precision.lax_precision
     b, n, _ = x.shape
     h, hd = cfg.encoder_attention_heads, cfg.head_dim
     q = self.q_proj(x).reshape(b, n, h, hd)
@@ -245,9 +232,9 @@ class BeatsLayer(nnx.Module):
     self.self_attn = BeatsAttention(cfg, precision=precision, rngs=rngs)
     ln = lambda: layers.LayerNorm(d, eps=cfg.layer_norm_eps, axis_name="norm", param_dtype=pdt)
     self.self_attn_layer_norm = ln()
-    self.fc1 = _dense(d, cfg.encoder_ffn_embed_dim, ("embed", "mlp"), precision=precision,
+    self.fc1 = layers.dense(d, cfg.encoder_ffn_embed_dim, ("embed", "mlp"), precision=precision,
                       rngs=rngs)
-    self.fc2 = _dense(cfg.encoder_ffn_embed_dim, d, ("mlp", "embed"), precision=precision,
+    self.fc2 = layers.dense(cfg.encoder_ffn_embed_dim, d, ("mlp", "embed"), precision=precision,
                       rngs=rngs)
     self.final_layer_norm = ln()
 
@@ -315,7 +302,7 @@ class Beats(nnx.Module):
     p, e, pdt = cfg.input_patch_size, cfg.embed_dim, precision.jnp_param_dtype
     self.patch_embedding = nnx.Conv(
         1, e, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=cfg.conv_bias,
-        dtype=precision.jnp_dtype, param_dtype=pdt, precision=_lax_precision(precision),
+        dtype=precision.jnp_dtype, param_dtype=pdt, precision=precision.lax_precision,
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
                                           ("kernel", "kernel", "conv_in", "conv_out")),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
@@ -323,7 +310,7 @@ class Beats(nnx.Module):
     self.layer_norm = layers.LayerNorm(e, eps=cfg.layer_norm_eps, axis_name="norm",
                                        param_dtype=pdt)
     if e != cfg.encoder_embed_dim:
-      self.post_extract_proj = _dense(e, cfg.encoder_embed_dim, ("conv_out", "embed"),
+      self.post_extract_proj = layers.dense(e, cfg.encoder_embed_dim, ("conv_out", "embed"),
                                       precision=precision, rngs=rngs)
     else:
       self.post_extract_proj = None

@@ -31,27 +31,18 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
+from xblip_jax.models import layers
 from xblip_jax.models.layers import Precision, RMSNorm, softmax_f32
 from xblip_jax.models.llm.kv_cache import KVCache, update_layer
 
 REMAT_POLICIES = ("none", "full", "dots")
 
 
-def lax_precision(precision: Precision) -> jax.lax.Precision:
-  """The XLA dot precision of a policy (the enum's values are lower-case in jax 0.10)."""
-  return jax.lax.Precision(precision.matmul_precision.lower())
-
-
 def dense(in_features: int, out_features: int, axes: tuple[str, str], *, precision: Precision,
           rngs: nnx.Rngs) -> nnx.Linear:
-  """A bias-free Linear with logical axis names, as `layers.dense(use_bias=False)`.
-
-  Kept local because `Precision.lax_precision` upper-cases the name, which jax 0.10 rejects.
-  """
-  return nnx.Linear(
-      in_features, out_features, use_bias=False, dtype=precision.jnp_dtype,
-      param_dtype=precision.jnp_param_dtype, precision=lax_precision(precision),
-      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes), rngs=rngs)
+  """A bias-free `layers.dense` (LLaMA has no biases)."""
+  return layers.dense(in_features, out_features, axes, precision=precision, rngs=rngs,
+                      use_bias=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +201,7 @@ class LlamaAttention(nnx.Module):
     # Query head h reads kv head h // rep (HF repeat_kv); group queries instead of copying k/v.
     rep = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, rep, self.head_dim)
-    prec = lax_precision(self.precision)
+    prec = self.precision.lax_precision
     scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, precision=prec,
                         preferred_element_type=jnp.float32)
     scores = scores * (self.head_dim ** -0.5)
@@ -344,7 +335,7 @@ class Llama(nnx.Module):
     h = self.norm(x)
     if self.lm_head is None:
       table = self.embed_tokens.embedding[...].astype(h.dtype)
-      logits = jnp.einsum("btd,vd->btv", h, table, precision=lax_precision(self.precision))
+      logits = jnp.einsum("btd,vd->btv", h, table, precision=self.precision.lax_precision)
     else:
       logits = self.lm_head(h)
     if cache is not None:
