@@ -1,11 +1,15 @@
 """Entry point: `python -m xblip_jax.main --config configs/<experiment>.py --workdir DIR`.
 
 `--config` takes a Python file with `get_config(arg)` (`configs/x.py:arg` passes `arg`);
-`--config.<field>=value` overrides one field. The run's mode comes from `config.mode`:
+`--config.<field>=value` overrides one field. The run's mode is `--mode`, else `config.mode`:
 
-  train  train, checkpoint and evaluate (`train.trainer.train_and_evaluate`)
-  plan   compile the training step for the configured mesh on simulated CPU devices and print
-         per-device memory (`train.planner`); writes `<workdir>/plan.json`
+  train     train, checkpoint and evaluate (`train.trainer.train_and_evaluate`)
+  eval      evaluate the workdir's latest checkpoint (or `config.init_from`) on the configured
+            evaluation tasks; per-task prediction files and a markdown table (`eval.runner`)
+  generate  answer `--instruction` about the files in `--media` (`modality=path`, repeatable,
+            in prompt order), streaming tokens to stdout (`decode.interactive`)
+  plan      compile the training step for the configured mesh on simulated CPU devices and print
+            per-device memory (`train.planner`); writes `<workdir>/plan.json`
 
 Multi-host runs (`config.distributed=True`, or a launcher that sets JAX's cluster variables)
 call `jax.distributed.initialize()` first; every host runs the same command.
@@ -22,10 +26,15 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summaries.")
+flags.DEFINE_enum("mode", None, ["train", "eval", "generate", "plan"],
+                  "What to run; default: config.mode.")
+flags.DEFINE_multi_string("media", [], "generate: `modality=path` (image, video, audio, pc), "
+                          "repeatable; the prompt takes them in the order given.")
+flags.DEFINE_string("instruction", "", "generate: the instruction about the media.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-MODES = ("train", "plan")
+MODES = ("train", "eval", "generate", "plan")
 
 
 def _plan(config, workdir: Path) -> None:
@@ -44,15 +53,28 @@ def _plan(config, workdir: Path) -> None:
 def main(argv):
   del argv
   config = FLAGS.config
-  if config.mode not in MODES:
-    raise app.UsageError(f"config.mode={config.mode!r}; choose one of {MODES}")
+  mode = FLAGS.mode or config.mode
+  if mode not in MODES:
+    raise app.UsageError(f"config.mode={mode!r}; choose one of {MODES}")
   workdir = Path(FLAGS.workdir)
-  if config.mode == "plan":
+  if mode == "plan":
     _plan(config, workdir)
     return
   if config.get("distributed", False):
     jax.distributed.initialize()
   logging.info("JAX processes: %d, devices: %s", jax.process_count(), jax.devices())
+  if mode == "eval":
+    from xblip_jax.eval import runner  # pylint: disable=import-outside-toplevel
+
+    results = runner.run_eval(config, workdir)
+    if jax.process_index() == 0:
+      print(json.dumps({"eval": results}))
+    return
+  if mode == "generate":
+    from xblip_jax.decode import interactive  # pylint: disable=import-outside-toplevel
+
+    interactive.run_generate(config, workdir, media=FLAGS.media, instruction=FLAGS.instruction)
+    return
   from xblip_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
   summary = train_and_evaluate(config, workdir)
