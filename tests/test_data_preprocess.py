@@ -166,6 +166,41 @@ def test_sampling_more_fewer_and_equal_points():
   assert sorted(map(tuple, same)) == sorted(map(tuple, pts[:64]))
 
 
+def _textbook_fps(points, npoints, rng):
+  """The straightforward O(N * npoints) loop the fast version must match pick for pick."""
+  xyz = points[:, :3].astype(np.float64)
+  chosen, distance = [], np.full(len(xyz), np.inf)
+  current = int(rng.integers(len(xyz)))
+  for _ in range(npoints):
+    chosen.append(current)
+    distance = np.minimum(distance, ((xyz - xyz[current]) ** 2).sum(axis=1))
+    current = int(np.argmax(distance))
+  return points[chosen]
+
+
+def _clouds():
+  rng = np.random.default_rng(5)
+  yield "gaussian", rng.normal(size=(3000, 3)).astype(np.float32), 700
+  yield "one block", rng.uniform(size=(130, 6)).astype(np.float32), 100
+  yield "anisotropic", (rng.normal(size=(5000, 3)) * [10, 1, 0.01]).astype(np.float32), 1200
+  surface = rng.normal(size=(2500, 3))
+  yield "sphere", (surface / np.linalg.norm(surface, axis=1, keepdims=True)).astype(
+      np.float32), 2400
+  # Integer grid with duplicates and a flat axis: many exactly equal distances (ties).
+  grid = rng.integers(0, 6, size=(4000, 3)).astype(np.float32)
+  grid[:, 2] = 0
+  yield "ties", np.concatenate([grid, grid[:500]]), 300
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _clouds()])
+def test_fast_fps_picks_what_the_textbook_loop_picks(name):
+  points, npoints = next((p, k) for c, p, k in _clouds() if c == name)
+  for seed in range(2):
+    fast = pointcloud.farthest_point_sample(points, npoints, np.random.default_rng(seed))
+    slow = _textbook_fps(points, npoints, np.random.default_rng(seed))
+    np.testing.assert_array_equal(fast, slow)
+
+
 def test_point_cloud_files_npz_npy_ply(tmp_path):
   rng = np.random.default_rng(0)
   xyzrgb = np.concatenate([rng.normal(size=(300, 3)), rng.uniform(size=(300, 3))], axis=1)

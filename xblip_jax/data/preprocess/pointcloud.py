@@ -74,18 +74,59 @@ def pc_norm(points: Float[np.ndarray, "N C"]) -> Float[np.ndarray, "N C"]:
   return (centred / radius).astype(np.float32)
 
 
+FPS_BLOCK = 128  # points per spatial block of `farthest_point_sample`
+
+
+def _morton_order(xyz: Float[np.ndarray, "N 3"], bits: int = 10) -> np.ndarray:
+  """Indices sorting the points along a Z-order curve, so that runs of them are compact."""
+  lo, span = xyz.min(axis=0), np.ptp(xyz, axis=0)
+  q = ((xyz - lo) / np.where(span > 0, span, 1.0) * (2 ** bits - 1)).astype(np.uint64)
+  code = np.zeros(len(xyz), np.uint64)
+  for b in range(bits):
+    for k in range(3):
+      code |= ((q[:, k] >> np.uint64(b)) & np.uint64(1)) << np.uint64(3 * b + k)
+  return np.argsort(code, kind="stable")
+
+
 def farthest_point_sample(points: Float[np.ndarray, "N C"], npoints: int,
                           rng: np.random.Generator) -> Float[np.ndarray, "npoints C"]:
-  """Greedy farthest point sampling from a random start point (xyz distances)."""
+  """Greedy farthest point sampling from a random start point (xyz distances).
+
+  The same picks as the textbook loop (float64 squared distances, running minimum, first
+  index of the maximum), but each step only updates the blocks of nearby points: points are
+  cut into blocks of `FPS_BLOCK` along a Z-order curve, and a block whose bounding box is
+  farther from the new centre than its largest running distance cannot change (a 1e-9
+  margin covers rounding). Each block lists its points in input order, so the first maximum
+  of a block, and the smallest index among equal block maxima, is the textbook argmax.
+  """
   n = points.shape[0]
   xyz = points[:, :3].astype(np.float64)
-  chosen = np.empty(npoints, np.int64)
-  distance = np.full(n, np.inf)
   current = int(rng.integers(n))
+  nblocks = -(-n // FPS_BLOCK)
+  members = np.full(nblocks * FPS_BLOCK, n, np.int64)
+  members[:n] = _morton_order(xyz)
+  members = np.sort(members.reshape(nblocks, FPS_BLOCK), axis=1)  # padding (= n) last
+  padding = members == n
+  coords = xyz[np.where(padding, members[:, :1], members)].transpose(2, 0, 1)  # (3, nb, B)
+  coords = np.ascontiguousarray(coords)
+  lo, hi = coords.min(axis=2), coords.max(axis=2)                               # (3, nb)
+  distance = np.where(padding, -np.inf, np.inf)
+  block_max, block_arg = np.full(nblocks, np.inf), np.zeros(nblocks, np.int64)
+  chosen = np.empty(npoints, np.int64)
   for i in range(npoints):
     chosen[i] = current
-    distance = np.minimum(distance, ((xyz - xyz[current]) ** 2).sum(axis=1))
-    current = int(np.argmax(distance))
+    centre = xyz[current][:, None]
+    gap = np.maximum(np.maximum(lo - centre, centre - hi), 0.0)
+    near = np.flatnonzero((gap * gap).sum(axis=0) * (1 - 1e-9) <= block_max)
+    sub = coords[:, near]                                  # (3, k, B)
+    d = (sub[0] - centre[0]) ** 2 + (sub[1] - centre[1]) ** 2
+    d += (sub[2] - centre[2]) ** 2                        # the textbook (x2 + y2) + z2
+    d = np.minimum(distance[near], d)
+    distance[near] = d
+    arg = d.argmax(axis=1)
+    block_max[near] = d[np.arange(len(near)), arg]
+    block_arg[near] = members[near, arg]
+    current = int(block_arg[block_max == block_max.max()].min())
   return points[chosen]
 
 
