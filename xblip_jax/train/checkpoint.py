@@ -165,6 +165,8 @@ def init_params(path: str, abstract_params, shardings) -> tuple[Any, list[str], 
     for key in prefix:
       tree = tree[key]
     theirs = dict(_flatten(tree))
+    # Stored keys as written: an nnx state saved whole keeps a `value` level under each leaf.
+    stored = {k: raw for k, raw in zip(theirs, _flatten(tree, strip=False))}
     ours = {"/".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(abstract_params)}
     sh = {p: _value(v) for p, v in nnx.to_flat_state(shardings)}
     common = sorted(set(theirs) & set(ours))
@@ -176,7 +178,7 @@ def init_params(path: str, abstract_params, shardings) -> tuple[Any, list[str], 
     target: dict = {}
     for k in common:
       node = target
-      parts = k.split("/")
+      parts = stored[k][0].split("/")
       for part in parts[:-1]:
         node = node.setdefault(part, {})
       value = _value(ours[k][1])
@@ -206,12 +208,12 @@ def _path(p) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in p)
 
 
-def _flatten(tree) -> list[tuple[str, Any]]:
+def _flatten(tree, strip: bool = True) -> list[tuple[str, Any]]:
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
   out = []
   for p, v in leaves:
     key = _path(p)
-    key = key[:-len("/value")] if key.endswith("/value") else key
+    key = key[:-len("/value")] if strip and key.endswith("/value") else key
     out.append((key, v))
   return out
