@@ -34,6 +34,7 @@ import numpy as np
 
 from xblip_jax.data import templates
 from xblip_jax.data.example import Example, MediaError, RecordError
+from xblip_jax.data.tfds.staging import staged_media
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,8 @@ class _Element:
       if self.spec.instruct:
         example = templates.instruct(example, rng, prompt=self.spec.prompt,
                                      binary_captions=self.captions)
-      out = load_media(example, rng, train=self.cfg.train, opts=self.spec.media)
+      with staged_media(example) as local:  # shard records: their bytes as local files
+        out = load_media(local, rng, train=self.cfg.train, opts=self.spec.media)
       text = self.encode_text(example)
     except MediaError as e:
       return BadRecord(e.reason.split(" (")[0], e.path, str(e))
@@ -315,7 +317,9 @@ def dataset_pipeline(spec: DatasetSpec, encode_text: EncodeText, cfg: PipelineCo
   if not spec.examples:
     raise ValueError(f"dataset {spec.name!r} has no examples")
   index, count = _host(cfg)
-  ds = grain.MapDataset.source(list(spec.examples))
+  ds = spec.examples  # a MapDataset (prepared shards) is read lazily, by index
+  if not isinstance(ds, grain.MapDataset):
+    ds = grain.MapDataset.source(list(ds))
   if cfg.shuffle:
     ds = ds.shuffle(seed=(cfg.seed * 1_000_003 + spec_index) % 2**32)
   ds = ds.repeat(cfg.num_epochs)
