@@ -6,12 +6,20 @@ inner epoch e >= 1 on it is constant within the epoch at
 `min_lr + (init_lr - min_lr) * 0.5 * (1 + cos(pi * e / num_epochs))`.
 AdamW (0.9, 0.999, eps 1e-8), weight decay 0.05 on every parameter with ndim >= 2 (query tokens
 included; biases and norms excluded), no gradient clipping unless configured.
+
+Multi-modality runs (one modality per batch) update with `masked_update`: the bridges of
+modalities absent from the batch keep their parameters and optimizer moments bit-identical,
+as if the step had not happened for them. A plain AdamW step would move them anyway (momentum
+from earlier batches, weight decay on zero gradients), which undoes their training between
+the batches of their own modality. The reference trains one modality per run, where this never
+arises (docs/quirks.md Q37).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +70,48 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
   return tx
+
+
+# Top-level bridge children keyed by modality name (`models/xblip.py`); "shared" (a shared
+# Q-Former) serves every modality.
+MODALITY_KEYED = ("ln", "qformer", "query_tokens", "llm_proj", "encoder_proj")
+SHARED_KEY = "shared"
+
+
+def _key(k) -> Any:
+  return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+
+
+def active_mask(params, order: Sequence[str]):
+  """Params-shaped tree of Python bools: False for a modality-keyed bridge leaf whose modality
+  is not in `order`. Everything else (shared Q-Former, other parameters) is active."""
+  def active(path, _):
+    keys = [_key(k) for k in path]
+    return not (len(keys) > 1 and keys[0] in MODALITY_KEYED
+                and keys[1] != SHARED_KEY and keys[1] not in order)
+  return jax.tree_util.tree_map_with_path(active, params)
+
+
+def masked_update(tx: optax.GradientTransformation, grads, opt_state, params,
+                  order: Sequence[str]) -> tuple[Any, Any]:
+  """(new params, new optimizer state) of one step on a batch of the modalities `order`.
+
+  The plain optax update, except that leaves of absent modalities keep their old value, in the
+  parameters and in every params-shaped part of the optimizer state (Adam moments, gradient
+  accumulators). Step counters (schedule, bias correction) stay global. `order` is static, so
+  the choice is made at trace time: no arithmetic touches the kept leaves.
+  """
+  updates, new_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  mask = active_mask(params, order)
+  if all(jax.tree.leaves(mask)):
+    return new_params, new_state
+  pick = lambda new, old, keep_new: new if keep_new else old
+  params_def = jax.tree.structure(params)
+  like_params = lambda x: jax.tree.structure(x) == params_def
+
+  def select(new, old):
+    return jax.tree.map(pick, new, old, mask) if like_params(new) else new
+
+  new_state = jax.tree.map(select, new_state, opt_state, is_leaf=like_params)
+  return jax.tree.map(pick, new_params, params, mask), new_state

@@ -10,6 +10,11 @@ constrained by logical names (`sharding.constrain`).
 Gradient accumulation over `microbatches` scans the batch in slices (rows `i::A`, so that each
 device keeps its own rows) and sums token-weighted losses and gradients: the update equals the
 full batch's, with a microbatch's activations in memory.
+
+The update is `optim.masked_update`: with one modality per batch, the bridges of modalities
+absent from the batch (`order` is static) keep their parameters and AdamW moments bit-identical
+instead of drifting on stale momentum and weight decay; a shared Q-Former always updates
+(docs/quirks.md Q37).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from xblip_jax.decode.greedy import greedy_decode
 from xblip_jax.models import assembly
 from xblip_jax.models.encoders import registry
 from xblip_jax.models.xblip import XInstructBlip
+from xblip_jax.train import optim
 
 # Logical names of the encoder features / inputs entering the bridge, by rank.
 _MEDIA_AXES = {2: ("batch", None), 3: ("batch", None, None), 4: ("batch", None, None, None),
@@ -146,8 +152,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, prompt: assembly
 
   def step(params, opt_state, rest, batch, rng, order):
     loss, tokens, grads = gradients(params, rest, batch, rng, order)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = optim.masked_update(tx, grads, opt_state, params, order)
     return params, opt_state, {"loss": loss, "tokens": tokens,
                                "grad_norm": optax.global_norm(grads)}
 
