@@ -267,7 +267,7 @@ def test_bf16_compute_close_to_float32(gqa):
   assert err < 0.05 * scale, (err, scale)
   # Cached bf16 decoding runs (bf16 cache) and agrees with the bf16 full forward.
   cache = fast.init_cache(3, 12)
-  assert cache.k.dtype == jnp.bfloat16
+  assert cache.dtype == jnp.bfloat16
   pre = _forward(fast, fast.embed(ids[:, :6]), mask[:, :6], None, cache)
   step = _forward(fast, fast.embed(ids[:, 6:7]), mask[:, 6:7], None, pre.cache)
   np.testing.assert_allclose(step.logits[0, 0], out.logits[0, 6], atol=0.05 * scale)

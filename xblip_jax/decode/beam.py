@@ -140,10 +140,10 @@ def _reorder(cache, rows: Int[Array, "R"], start: int):
   Slots before `start` hold the prompt, identical for all beams of a batch row (and parents
   never cross batch rows), and the key mask is the same for every beam: neither needs moving.
   """
-  def gen(x):
-    return x.at[:, :, start:].set(jnp.take(x[:, :, start:], rows, axis=1))
+  def gen(x):  # (R, KV, S, Dh)
+    return x.at[:, :, start:].set(jnp.take(x[:, :, start:], rows, axis=0))
 
-  return cache.replace(k=gen(cache.k), v=gen(cache.v))
+  return cache.map_kv(gen)
 
 
 def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array, "B T"],
@@ -156,8 +156,8 @@ def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[A
   logits, cache = prefill(llm, inputs_embeds, attention_mask, n, table)
   keys = row_keys(key, b) if cfg.do_sample else None
   # The prompt is shared by a row's beams: repeat the prefilled cache, not the prefill.
-  cache = cache.replace(k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1),
-                        mask=jnp.repeat(cache.mask, k, axis=0))
+  cache = cache.map_kv(lambda x: jnp.repeat(x, k, axis=0))
+  cache = cache.replace(mask=jnp.repeat(cache.mask, k, axis=0))
   seqs = jnp.full((b, k, n), cfg.pad_id, jnp.int32)
   state = BeamState(
       seqs=seqs, run=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG), fin_seqs=seqs,

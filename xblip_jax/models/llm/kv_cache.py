@@ -3,7 +3,12 @@
 The cache is a plain pytree (`flax.struct.dataclass`), so it can be the carry of a
 `jax.lax.while_loop` and be donated to a jitted step. Every array has a fixed shape; a call that
 adds `T` tokens writes slots `[index, index + T)` with `lax.dynamic_update_slice` and advances
-`index` by `T`. Slots at or after `index` are never attended to (the causal test runs in slot
+`index` by `T`.
+
+Layout (measured on the decoding benchmark, see bench/README.md): one array per layer, not one
+stacked array (XLA:CPU copies a layer's slice of a stacked cache out before the attention
+products read it, every step), and head-major `(batch, kv_heads, slots, head_dim)`, the layout
+the products read (a slot-major cache was transposed at every step). Slots at or after `index` are never attended to (the causal test runs in slot
 space), so their contents do not matter.
 """
 
@@ -17,36 +22,45 @@ from jaxtyping import Array, Bool, Float, Int
 
 @struct.dataclass
 class KVCache:
-  """Keys and values of every layer, stacked along a leading layer axis.
+  """Keys and values of every layer, one array per layer.
 
   Attributes:
-    k: rotated keys, `(layers, batch, max_len, kv_heads, head_dim)`.
-    v: values, same shape as `k`.
+    k: rotated keys per layer, each `(batch, kv_heads, max_len, head_dim)`.
+    v: values, same shapes as `k`.
     mask: which slots hold real (non-padding) tokens, `(batch, max_len)`; written from the
       `attention_mask` of each call, so left padding of a prompt stays masked while decoding.
     index: number of slots written so far (the next write position), an int32 scalar.
   """
 
-  k: Float[Array, "L B S KV Dh"]
-  v: Float[Array, "L B S KV Dh"]
+  k: tuple[Float[Array, "B KV S Dh"], ...]
+  v: tuple[Float[Array, "B KV S Dh"], ...]
   mask: Bool[Array, "B S"]
   index: Int[Array, ""]
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.mask.shape[1]
 
   @property
   def batch_size(self) -> int:
-    return self.k.shape[1]
+    return self.mask.shape[0]
+
+  @property
+  def dtype(self):
+    return self.k[0].dtype
 
   @classmethod
   def init(cls, *, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
            dtype=jnp.float32) -> "KVCache":
     """An empty cache (all slots masked, index 0)."""
-    shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch, num_kv_heads, max_len, head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                mask=jnp.zeros((batch, max_len), jnp.bool_), index=jnp.zeros((), jnp.int32))
+
+  def map_kv(self, fn) -> "KVCache":
+    """This cache with `fn` applied to every layer's keys and values (e.g. a beam reorder)."""
+    return self.replace(k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v))
 
   def valid_counts(self) -> Int[Array, "B"]:
     """Number of real tokens stored per row (the next position under left padding)."""
@@ -70,12 +84,15 @@ class KVCache:
     return jnp.maximum(pos, 0)
 
 
-def update_layer(k_all: Float[Array, "L B S KV Dh"], v_all: Float[Array, "L B S KV Dh"],
-                 k_new: Float[Array, "B T KV Dh"], v_new: Float[Array, "B T KV Dh"],
-                 layer: int, index: Int[Array, ""]
-                 ) -> tuple[Float[Array, "L B S KV Dh"], Float[Array, "L B S KV Dh"]]:
-  """Writes one layer's new keys/values at slot `index` of the stacked cache, in place under jit."""
-  start = (layer, 0, index, 0, 0)
-  k_all = jax.lax.dynamic_update_slice(k_all, k_new[None].astype(k_all.dtype), start)
-  v_all = jax.lax.dynamic_update_slice(v_all, v_new[None].astype(v_all.dtype), start)
-  return k_all, v_all
+def update_layer(k_all: tuple[Float[Array, "B KV S Dh"], ...],
+                 v_all: tuple[Float[Array, "B KV S Dh"], ...],
+                 k_new: Float[Array, "B KV T Dh"], v_new: Float[Array, "B KV T Dh"],
+                 layer: int, index: Int[Array, ""]):
+  """Writes one layer's new keys/values at slot `index` (in place under jit); returns the
+  updated per-layer tuples."""
+  def write(cache, new):
+    layer_cache = jax.lax.dynamic_update_slice(cache[layer], new.astype(cache[layer].dtype),
+                                               (0, 0, index, 0))
+    return cache[:layer] + (layer_cache,) + cache[layer + 1:]
+
+  return write(k_all, k_new), write(v_all, v_new)

@@ -182,32 +182,34 @@ class LlamaAttention(nnx.Module):
 
   def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T Dh"],
                sin: Float[Array, "B T Dh"], allowed: Bool[Array, "B T S"],
-               k_all: Float[Array, "L B S KV Dh"] | None = None,
-               v_all: Float[Array, "L B S KV Dh"] | None = None,
+               k_all: tuple[Float[Array, "B KV S Dh"], ...] | None = None,
+               v_all: tuple[Float[Array, "B KV S Dh"], ...] | None = None,
                index: Int[Array, ""] | None = None):
     """Attends `T` queries to `S` keys (`S = T` without a cache, the cache length with one).
 
     Returns:
-      The block output `(B, T, D)` and the updated stacked `(k_all, v_all)` (or Nones).
+      The block output `(B, T, D)` and the updated per-layer `(k_all, v_all)` (or Nones).
     """
     b, t, _ = x.shape
     dt = self.precision.jnp_dtype
     q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
     k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if k_all is not None:
-      k_all, v_all = update_layer(k_all, v_all, k, v, self.layer_idx, index)
-      k, v = k_all[self.layer_idx].astype(dt), v_all[self.layer_idx].astype(dt)
+    kv = "bsgd"  # keys / values as computed: (B, S, KV, Dh)
+    if k_all is not None:  # the cache is head-major, (B, KV, S, Dh) per layer
+      k_all, v_all = update_layer(k_all, v_all, k.swapaxes(1, 2), v.swapaxes(1, 2),
+                                  self.layer_idx, index)
+      k, v, kv = k_all[self.layer_idx].astype(dt), v_all[self.layer_idx].astype(dt), "bgsd"
     # Query head h reads kv head h // rep (HF repeat_kv); group queries instead of copying k/v.
     rep = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, rep, self.head_dim)
     prec = self.precision.lax_precision
-    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, precision=prec,
+    scores = jnp.einsum(f"btgrd,{kv}->bgrts", q, k, precision=prec,
                         preferred_element_type=jnp.float32)
     scores = scores * (self.head_dim ** -0.5)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = softmax_f32(scores, dt)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, precision=prec)
+    out = jnp.einsum(f"bgrts,{kv}->btgrd", probs, v, precision=prec)
     out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
     return out, k_all, v_all
 
