@@ -68,5 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  num_epochs=4, weight_decay=0.05)
   c.train = dict(num_steps=1200, log_every=20, checkpoint_every=100, keep_checkpoints=2,
                  microbatches=1, tensorboard=True, peak_tflops=0.0)
-  c.eval = dict(max_new_tokens=8, num_examples=64)
+  # Each set decodes and scores as its task (eval/tasks.py); max_new_tokens / num_beams > 0
+  # cap and replace the task preset's (0: the preset's, e.g. beam 5 for QA).
+  c.eval = dict(max_new_tokens=8, num_examples=64, num_beams=0)
   return c

@@ -32,6 +32,7 @@ MEDIA_KEYS = ("image", "video", "audio", "pc")
 class EvalSet:
   name: str
   batches: list[tuple[tuple[str, ...], dict[str, np.ndarray], list[dict]]]
+  task: str | None = None  # `eval/tasks.py` key that scores it; None: by the set name
 
 
 def prompt_ids(tok: LlmTokenizer, text_cfg: text_lib.TextConfig, modalities) -> PromptIds:

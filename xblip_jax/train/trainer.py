@@ -20,7 +20,8 @@ from absl import logging
 from flax import nnx
 
 from xblip_jax import config_utils, sharding
-from xblip_jax.eval import answers as answers_lib
+from xblip_jax.eval import generation, report, scoring
+from xblip_jax.eval import tasks as tasks_lib
 from xblip_jax.models import build
 from xblip_jax.train import checkpoint as ckpt_lib
 from xblip_jax.train import inputs as inputs_lib
@@ -47,20 +48,40 @@ def to_replicated_rows(batch: dict, mesh) -> dict:
   return out
 
 
-def evaluate(inputs, mesh, params, rest, eval_loss, generate) -> dict[str, Any]:
-  """Held-out loss and answer accuracy per evaluation set; writes every prediction."""
+def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens: int = 0,
+             num_beams: int = 0, workdir: Path | None = None) -> dict[str, Any]:
+  """Every evaluation set scored by its task (`eval/tasks.py`): held-out loss, the task's
+  metric, and the loose answer accuracy; writes `<workdir>/eval/<set>.json` (every prediction,
+  its references and score), `<workdir>/eval/results.md`, and `predictions/<set>.json`.
+
+  `generate(params, rest, batch, order, decode_cfg)` is `eval.generation.make_task_generate`;
+  each set decodes with its task's settings, `max_new_tokens` / `num_beams` (when > 0) capping
+  and replacing the preset's (the demo's short answers). `eval_loss` may be None.
+  """
+  workdir = Path(workdir or inputs.workdir)
   results: dict[str, Any] = {}
+  set_tasks: dict[str, Any] = {}
   for eval_set in inputs.eval_sets():
+    task = tasks_lib.for_eval_set(eval_set.name, getattr(eval_set, "task", None))
+    cfg = generation.for_tokenizer(task.decode, inputs.llm_tokenizer, max_new_tokens,
+                                   num_beams)
     total, count, preds = 0.0, 0, []
     for order, batch, refs in eval_set.batches:
       dev = to_replicated_rows(batch, mesh)
-      s, n = eval_loss(params, rest, dev, order)
-      total, count = total + float(s), count + int(n)
-      ids = np.asarray(generate(params, rest, dev, order))
+      if eval_loss is not None:
+        s, n = eval_loss(params, rest, dev, order)
+        total, count = total + float(s), count + int(n)
+      ids = np.asarray(generate(params, rest, dev, order, cfg))
       for row, ref in zip(ids, refs):
-        preds.append({"prediction": inputs.decode(row), **ref})
-    results[eval_set.name] = {"loss": total / max(count, 1), **answers_lib.score(preds)}
+        preds.append({"prediction": scoring.postprocess(task, inputs.decode(row)), **ref})
+    metrics = scoring.score_set(task, preds)
+    if eval_loss is not None:
+      metrics["loss"] = total / max(count, 1)
+    results[eval_set.name], set_tasks[eval_set.name] = metrics, task
+    report.write_set(workdir, eval_set.name, task, metrics, preds)
     inputs.write_predictions(eval_set.name, preds)
+  if results:
+    report.write_table(workdir, results, set_tasks)
   return results
 
 
@@ -155,10 +176,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   train_step = step_lib.make_train_step(graphdef, tx, prompt, shardings=shardings,
                                         microbatches=microbatches)
   eval_loss = step_lib.make_eval_loss(graphdef, prompt, shardings)
-  generate = step_lib.make_generate(graphdef, prompt,
-                                    max_new_tokens=int(config.eval.max_new_tokens),
-                                    eos_id=inputs.llm_tokenizer.eos_id,
-                                    pad_id=inputs.llm_tokenizer.pad_id, shardings=shardings)
+  generate = generation.make_task_generate(graphdef, prompt, shardings)
   bridge, enc_cfgs = build.xblip_config(config.model, inputs.modalities, vocab)
   sizes = metrics_lib.param_sizes(params, rest)
 
@@ -232,7 +250,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   }
   if not preempted:
     with jax.set_mesh(mesh):
-      summary["eval"] = evaluate(inputs, mesh, params, rest, eval_loss, generate)
+      summary["eval"] = evaluate(inputs, mesh, params, rest, eval_loss, generate,
+                                 max_new_tokens=int(config.eval.max_new_tokens),
+                                 num_beams=int(config.eval.get("num_beams", 0)))
     for name, res in summary["eval"].items():
       logging.info("eval %s: %s", name, res)
     summary["data"] = inputs.stats()
