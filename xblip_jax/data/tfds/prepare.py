@@ -18,6 +18,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import tensorflow_datasets as tfds
+
 from xblip_jax.data.demo import DemoDataset, read_demo
 from xblip_jax.data.pipeline import MediaOptions
 from xblip_jax.data.tfds import builders, source
@@ -50,6 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  tfds.disable_progress_bar()
   name = args.name or args.format
   roots = _pairs(args.media_root, "")
   root = roots[""] if set(roots) == {""} else roots
