@@ -85,12 +85,19 @@ def get_config(size: str, modality: str, target: str | None = None) -> ml_collec
   c.sharding = dict(trainable="fsdp", frozen="fsdp_tensor")
   c.plan = dict(devices=TARGETS[target]["devices"], accelerator=TARGETS[target]["accelerator"],
                 modality=modality, compile=True)
+  names = tuple(name for name, _ in datasets)
   c.data = dict(
-      demo=False, root="", modalities=(modality,),
-      train_datasets=tuple(name for name, _ in datasets),
+      demo=False,
+      # Folder holding the datasets in LAVIS' cache_root layout (docs/launch.md, "Preparing
+      # the datasets"); each dataset's files can be moved with `paths.<name>.annotation`
+      # (comma-separated for several) and `paths.<name>.media`, relative to `root` or absolute.
+      root="", paths={name: dict(annotation="", media="") for name in names},
+      modalities=(modality,), train_datasets=names,
       train_ratios=tuple(ratio for _, ratio in datasets),
       eval_datasets=(), batch_size=global_batch, eval_batch_size=global_batch,
-      num_threads=8, max_bad_fraction=0.01, llm_tokenizer="", demo_vocab_size=0,
+      num_threads=8, max_bad_fraction=0.01,
+      llm_tokenizer="",         # folder with the Vicuna tokenizer.model (the HF checkpoint's)
+      demo_vocab_size=0,
       media=dict(image_size=224, n_frms=5, num_clips=2, frames_per_clip=512, npoints=8192,
                  video_hflip_prob=0.5))
   c.text = dict(max_txt_len=128, max_output_txt_len=256, qformer_max_len=128,

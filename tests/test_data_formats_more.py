@@ -203,3 +203,14 @@ def test_registry_covers_every_released_training_set():
       entry = registry.lookup(name, "data.train_datasets")
       assert entry.modalities == (modality,), (size, name)
       assert entry.family in registry.READERS and entry.split == "train"
+
+
+def test_registry_eval_tasks_exist_with_the_same_modalities():
+  from xblip_jax.eval import tasks  # pylint: disable=import-outside-toplevel
+  assert registry.known_names("test") and registry.known_names("val")
+  for name in registry.known_names():
+    entry = registry.ENTRIES[name]
+    if entry.split != "train":
+      assert entry.eval_task, name  # every evaluation split is scored by a task
+    if entry.eval_task:
+      assert tasks.TASKS[entry.eval_task].modalities == entry.modalities, name

@@ -45,6 +45,7 @@ class Entry:
     spec: `pipeline.DatasetSpec` overrides (`binary_qa`, `instruct`).
     options: `pipeline.MediaOptions` overrides.
     kwargs: extra reader arguments.
+    eval_task: the `eval/tasks.py` task that scores it as an evaluation set.
   """
 
   family: str
@@ -57,6 +58,7 @@ class Entry:
   spec: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  eval_task: str | None = None
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -116,7 +118,8 @@ ENTRIES: dict[str, Entry] = {
         "caption_json", "caption", ["conceptual_caption/annotations/cc12m.json"],
         "conceptual_caption/images_12m"),
     "coco_caption_instruct": _image("caption_json", "caption",
-                                    ["coco/annotations/coco_karpathy_train.json"]),
+                                    ["coco/annotations/coco_karpathy_train.json"],
+                                    eval_task="coco_caption"),
     "capfilt14m_instruct": _image("caption_json", "caption",
                                   ["capfilt14m/annotations/annotation.json"], "capfilt14m/images"),
     "vg_caption_instruct": _image("caption_json", "caption", ["vg/annotations/vg_caption.json"],
@@ -125,20 +128,23 @@ ENTRIES: dict[str, Entry] = {
                                    "sbu_captions/images"),
     "vg_vqa_instruct": _image("vqa_json", "qa", ["vg/annotations/vg_qa.json"], "vg/images"),
     "coco_vqa_instruct": _image("vqa_json", "qa", ["coco/annotations/vqa_train.json",
-                                                   "coco/annotations/vqa_val.json"]),
+                                                   "coco/annotations/vqa_val.json"],
+                                eval_task="vqav2"),
     "ocr_vqa_instruct": _image("ocr_vqa", "qa", ["ocrvqa/annotations/ocrvqa.json"],
                                "ocrvqa/images", require_media=True),
-    "ok_vqa_instruct": _image("vqa_json", "qa", ["okvqa/annotations/okvqa_train.json"]),
+    "ok_vqa_instruct": _image("vqa_json", "qa", ["okvqa/annotations/okvqa_train.json"],
+                              eval_task="okvqa"),
     "aok_vqa_instruct": _image("vqa_json", "qa", ["aokvqa/annotations/aokvqa_v1p0_train.json"]),
     "llava150k_dialogue_instruct": _LLAVA,
     "llava150k": _LLAVA,  # the 13B yaml's key (not a registered builder in LAVIS)
     # --- audio ---
     "audiocaps_mm_caption_instruct": Entry(
         "audiocaps", "audio", "caption", ("audiocaps/annotations/train.csv",),
-        "audiocaps/audio/train", **_AUDIOCAPS),
+        "audiocaps/audio/train", eval_task="audiocaps", **_AUDIOCAPS),
     "audiocaps_mm_qa": Entry(
         "audiocaps_qa", "audio", "qa", ("audiocaps_qa/annotations/train.csv",),
-        "audiocaps/audio/train", spec={"binary_qa": True}, **_AUDIOCAPS),
+        "audiocaps/audio/train", spec={"binary_qa": True}, eval_task="audiocaps_qa",
+        **_AUDIOCAPS),
     "wavcaps_mm_caption_instruct": Entry(
         "wavcaps", "audio", "caption",
         tuple(f"wavcaps/json_files/{f}" for f in (
@@ -152,46 +158,51 @@ ENTRIES: dict[str, Entry] = {
     # --- 3D ---
     "objaverse_mm_caption_instruct": Entry(
         "cap3d_caption", "pc", "caption", ("objaverse/annotations/train.csv",), "objaverse/pc",
-        require_media=True),
+        require_media=True, eval_task="cap3d"),
     "objaverse_mm_qa": Entry(
         "cap3d_qa", "pc", "qa", ("objaverse_qa/annotations/train.csv",), "objaverse/pc",
-        require_media=True, spec={"binary_qa": True}, kwargs={"remove_model_answer": True}),
+        require_media=True, spec={"binary_qa": True}, kwargs={"remove_model_answer": True},
+        eval_task="objaverse_qa"),
     # --- video ---
     "msrvtt_caption_instruct": Entry("video_caption", "video", "caption",
-                                     ("msrvtt/annotations/cap_train.json",), "msrvtt/videos"),
+                                     ("msrvtt/annotations/cap_train.json",), "msrvtt/videos",
+                                     eval_task="msrvtt_caption"),
     "msrvtt_qa_instruct": Entry("video_qa", "video", "qa", ("msrvtt/annotations/qa_train.json",),
-                                "msrvtt/videos"),
+                                "msrvtt/videos", eval_task="msrvtt_qa"),
     "webvid2m_caption_instruct": Entry("webvid", "video", "caption",
                                        ("webvid2m/annotations/train.json",), "webvid2m/videos"),
     # --- evaluation splits ---
     "coco_caption_val": _image("caption_json", "caption",
-                               ["coco/annotations/coco_karpathy_val.json"], split="val"),
+                               ["coco/annotations/coco_karpathy_val.json"], split="val",
+                               eval_task="coco_caption"),
     "coco_caption_test": _image("caption_json", "caption",
-                                ["coco/annotations/coco_karpathy_test.json"], split="test"),
+                                ["coco/annotations/coco_karpathy_test.json"], split="test",
+                                eval_task="coco_caption"),
     "msrvtt_caption_test": Entry("video_caption", "video", "caption",
                                  ("msrvtt/annotations/cap_test.json",), "msrvtt/videos",
-                                 split="test"),
+                                 split="test", eval_task="msrvtt_caption"),
     "msrvtt_qa_test": Entry("video_qa", "video", "qa", ("msrvtt/annotations/qa_test.json",),
-                            "msrvtt/videos", split="test"),
+                            "msrvtt/videos", split="test", eval_task="msrvtt_qa"),
     "msvd_qa_test": Entry("video_qa", "video", "qa", ("msvd/annotations/qa_test.json",),
-                          "msvd/videos", split="test"),
+                          "msvd/videos", split="test", eval_task="msvd_qa"),
     "audiocaps_caption_test": Entry(
         "audiocaps", "audio", "caption", ("audiocaps/annotations/test.csv",),
         "audiocaps/audio/test", split="test", require_media=True,
-        kwargs={"one_per_clip": True}),
+        kwargs={"one_per_clip": True}, eval_task="audiocaps"),
     "clotho_caption_eval": Entry(
         "clotho", "audio", "caption", ("clotho/annotations/clotho_captions_evaluation.csv",),
-        "clotho/audio/evaluation", split="test"),
+        "clotho/audio/evaluation", split="test", eval_task="clotho"),
     "objaverse_caption_val": Entry(
         "cap3d_caption", "pc", "caption", ("objaverse/annotations/val.csv",), "objaverse/pc",
-        split="val", require_media=True),
+        split="val", require_media=True, eval_task="cap3d"),
     "discrn_image_pc": Entry(
         "discrn_objaverse", ("image", "pc"), "discrn", ("discrn/annotations/objaverse.json",),
-        {"image": "objaverse/images", "pc": "objaverse/pc"}, split="val"),
+        {"image": "objaverse/images", "pc": "objaverse/pc"}, split="val",
+        eval_task="discrn_image_3d"),
     "discrn_audio_video": Entry(
         "discrn_audiocaps", ("video", "audio"), "discrn", ("discrn/annotations/audiocaps.json",),
         {"video": "audiocaps/video/val", "audio": "audiocaps/audio/val"}, split="val",
-        options={"n_frms": 2}),
+        options={"n_frms": 2}, eval_task="discrn_audio_video"),
 }
 
 OVERRIDE_KEYS = ("annotation", "media", "require_media")

@@ -1,8 +1,11 @@
 """Everything the trainer reads: tokenizers, the training iterator, evaluation sets.
 
 The training iterator is the Grain pipeline (`data/pipeline.py`): one dataset, hence one
-modality, per batch. Evaluation sets are decoded once, deterministically, and keep each row's
-reference answers next to its arrays.
+modality, per batch. With `data.demo=True` the datasets are the bundled synthetic ones (written
+on first use); otherwise they are the reference's datasets on disk, found by name through
+`data/registry.py` under `data.root`, mixed with `data.train_ratios` (default sqrt(size)), and
+tokenised with the LLM's own `data.llm_tokenizer`. Evaluation sets are decoded once,
+deterministically, and keep each row's reference answers next to its arrays.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import numpy as np
 from absl import logging
 
 from xblip_jax import config_utils
-from xblip_jax.data import demo, pipeline, templates
+from xblip_jax.data import demo, pipeline, registry, templates
 from xblip_jax.data import text as text_lib
 from xblip_jax.data.demo_tokenizer import train_demo_tokenizer
-from xblip_jax.data.example import Example, MediaError, RecordError
+from xblip_jax.data.example import Example, Examples, MediaError, RecordError
 from xblip_jax.data.tokenizers import LlmTokenizer, QFormerTokenizer
 from xblip_jax.models.assembly import PromptIds
 
@@ -64,41 +67,22 @@ class Inputs:
     data = config.data
     self.workdir = workdir
     self.modalities = tuple(data.modalities)
-    root = Path(data.root) if data.root else workdir / "demo_data"
-    if not data.demo:
-      raise config_utils.ConfigError("data.demo=False: only the bundled demo data is wired to "
-                                     "main so far; real datasets use data.formats readers")
-    if not (root / "manifest.json").exists():
-      logging.info("writing demo data to %s", root)
-      sizes = {k: tuple(v) for k, v in dict(data.get("demo_sizes", {})).items()}
-      demo.write_demo_data(root, seed=int(config.seed),
-                           sizes=config_utils.build(demo.DemoSizes, sizes, "data.demo_sizes"))
-    self.root = root
-    self.manifest = demo.load_manifest(root)
+    self.demo = bool(data.demo)
     self.train_names = tuple(data.train_datasets)
     self.text_cfg = config_utils.build(text_lib.TextConfig, {k: v for k, v in config.text.items()
                                                              if k != "prompt_len"}, "text")
     self.prompt_len = int(config.text.prompt_len)
-    tok_path = Path(data.llm_tokenizer) if data.llm_tokenizer else root / "llm_tokenizer"
-    if not (tok_path / "tokenizer.model").exists() and not data.llm_tokenizer:
-      texts = demo.demo_texts(self.manifest) + _template_texts() + list(CUES.values())
-      train_demo_tokenizer(texts + [self.text_cfg.prefix, self.text_cfg.postfix],
-                           tok_path / "tokenizer.model", vocab_size=int(data.demo_vocab_size))
-    self.llm_tokenizer = LlmTokenizer.from_file(tok_path)
-    self.qformer_tokenizer = QFormerTokenizer.bert_base_uncased(self.text_cfg.qformer_max_len)
-    self.text = text_lib.TextEncoder(self.llm_tokenizer, self.qformer_tokenizer, self.text_cfg)
-    self.prompt_ids = prompt_ids(self.llm_tokenizer, self.text_cfg, self.modalities)
     self.media = config_utils.build(pipeline.MediaOptions, dict(data.media), "data.media")
     self.seed = int(config.seed)
     self.eval_batch_size = int(data.eval_batch_size)
     self.eval_names = tuple(data.eval_datasets)
     self.eval_limit = int(config.eval.num_examples)
-    for name in tuple(data.train_datasets) + self.eval_names:
-      if name not in self.manifest:
-        raise config_utils.ConfigError(f"data: unknown dataset {name!r}; the demo has "
-                                       f"{sorted(self.manifest)}")
-    specs = demo.demo_specs(self.manifest, "train", names=list(data.train_datasets),
-                            media=self.media)
+    self.read_skipped: dict[str, dict[str, int]] = {}
+    specs, tok_path = self._demo_data(config) if self.demo else self._real_data(config)
+    self.llm_tokenizer = LlmTokenizer.from_file(tok_path)
+    self.qformer_tokenizer = QFormerTokenizer.bert_base_uncased(self.text_cfg.qformer_max_len)
+    self.text = text_lib.TextEncoder(self.llm_tokenizer, self.qformer_tokenizer, self.text_cfg)
+    self.prompt_ids = prompt_ids(self.llm_tokenizer, self.text_cfg, self.modalities)
     self.pipeline = pipeline.build_pipeline(
         specs, self._encode_train,
         pipeline.PipelineConfig(batch_size=host_batch_size(int(data.batch_size)), seed=self.seed,
@@ -106,6 +90,75 @@ class Inputs:
                                 max_bad_fraction=float(data.max_bad_fraction)))
     self.iterator: Iterator = iter(self.pipeline)
     self._eval_sets: list[EvalSet] | None = None
+
+  # --- data sources -----------------------------------------------------------------------
+  def _demo_data(self, config) -> tuple[list[pipeline.DatasetSpec], Path]:
+    """The bundled demo: written under `data.root` (default `<workdir>/demo_data`) once."""
+    data = config.data
+    root = Path(data.root) if data.root else self.workdir / "demo_data"
+    if not (root / "manifest.json").exists():
+      logging.info("writing demo data to %s", root)
+      sizes = {k: tuple(v) for k, v in dict(data.get("demo_sizes", {})).items()}
+      demo.write_demo_data(root, seed=int(config.seed),
+                           sizes=config_utils.build(demo.DemoSizes, sizes, "data.demo_sizes"))
+    self.root = root
+    self.manifest = demo.load_manifest(root)
+    tok_path = Path(data.llm_tokenizer) if data.llm_tokenizer else root / "llm_tokenizer"
+    if not (tok_path / "tokenizer.model").exists() and not data.llm_tokenizer:
+      texts = demo.demo_texts(self.manifest) + _template_texts() + list(CUES.values())
+      train_demo_tokenizer(texts + [self.text_cfg.prefix, self.text_cfg.postfix],
+                           tok_path / "tokenizer.model", vocab_size=int(data.demo_vocab_size))
+    for name in tuple(data.train_datasets) + self.eval_names:
+      if name not in self.manifest:
+        raise config_utils.ConfigError(f"data: unknown dataset {name!r}; the demo has "
+                                       f"{sorted(self.manifest)}")
+    specs = demo.demo_specs(self.manifest, "train", names=list(data.train_datasets),
+                            media=self.media)
+    return specs, tok_path
+
+  def _real_data(self, config) -> tuple[list[pipeline.DatasetSpec], Path]:
+    """Datasets on disk, named as the reference's yamls (`data/registry.py`)."""
+    data = config.data
+    if not data.root:
+      raise config_utils.ConfigError(
+          "data.root is empty: set it to the folder holding the datasets (LAVIS cache_root "
+          "layout, see docs/launch.md), or use data.demo=True")
+    self.root = Path(data.root)
+    self.manifest = {}
+    tok_path = _llm_tokenizer_path(data.get("llm_tokenizer", ""))
+    paths = dict(data.get("paths", None) or {})
+    ratios = _train_ratios(data.get("train_ratios", None), self.train_names)
+    self._eval_sources = {name: self._resolve(name, paths, "data.eval_datasets")
+                          for name in self.eval_names}
+    specs = []
+    for name, weight in zip(self.train_names, ratios, strict=True):
+      found = self._resolve(name, paths, "data.train_datasets")
+      entry = found.entry
+      examples = self._read(found)
+      specs.append(pipeline.DatasetSpec(
+          name=name, examples=examples, weight=weight,
+          media=dataclasses.replace(self.media, **dict(entry.options)), **dict(entry.spec)))
+      logging.info("dataset %s: %d examples from %s", name, len(examples), found.annotations)
+    return specs, tok_path
+
+  def _resolve(self, name: str, paths: dict, where: str) -> registry.Resolved:
+    override = paths.get(name)
+    found = registry.resolve(name, self.root, dict(override) if override else None, where=where)
+    missing = [m for m in found.entry.modalities if m not in self.modalities]
+    if missing:
+      raise config_utils.ConfigError(f"{where}: dataset {name!r} needs modalities {missing} "
+                                     f"that data.modalities={self.modalities} lacks")
+    return found
+
+  def _read(self, found: registry.Resolved) -> Examples:
+    examples = registry.read(found)
+    if examples.skipped:
+      self.read_skipped[found.name] = dict(examples.skipped)
+    if not examples:
+      raise config_utils.ConfigError(
+          f"dataset {found.name!r}: no usable record in {found.annotations} (skipped: "
+          f"{dict(examples.skipped)}); check data.paths.{found.name}")
+    return examples
 
   # --- training ---------------------------------------------------------------------------
   def _encode_train(self, ex: Example) -> dict[str, np.ndarray]:
@@ -123,8 +176,11 @@ class Inputs:
     self.iterator.set_state(state)
 
   def stats(self) -> dict[str, Any]:
-    return {"bad_records": pipeline.bad_record_counts(self.iterator.get_state()),
-            "eval_skipped": getattr(self, "eval_skipped", {})}
+    out = {"bad_records": pipeline.bad_record_counts(self.iterator.get_state()),
+           "eval_skipped": getattr(self, "eval_skipped", {})}
+    if self.read_skipped:  # records the readers left out (missing fields or media files)
+      out["read_skipped"] = self.read_skipped
+    return out
 
   # --- evaluation -------------------------------------------------------------------------
   def eval_sets(self) -> list[EvalSet]:
@@ -133,9 +189,7 @@ class Inputs:
     return self._eval_sets
 
   def _eval_set(self, name: str) -> EvalSet:
-    entry = self.manifest[name]["val"]
-    media_opts = dataclasses.replace(self.media, **entry.options)
-    examples = demo.read_demo(entry)[:self.eval_limit]
+    examples, media_opts = self._eval_examples(name)
     rows, skipped = [], {}
     for i, ex in enumerate(examples):
       rng = np.random.default_rng([self.seed, 7, i])
@@ -165,7 +219,19 @@ class Inputs:
       arrays = [r[1] for r in chunk] + [filler] * (self.eval_batch_size - len(chunk))
       batch = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
       batches.append((tuple(chunk[0][0]), batch, refs))
-    return EvalSet(name, batches)
+    task = None if self.demo else self._eval_sources[name].entry.eval_task
+    return EvalSet(name, batches, task=task)
+
+  def _eval_examples(self, name: str) -> tuple[Sequence[Example], pipeline.MediaOptions]:
+    if self.demo:
+      entry = self.manifest[name]["val"]
+      return (demo.read_demo(entry)[:self.eval_limit],
+              dataclasses.replace(self.media, **entry.options))
+    found = self._eval_sources[name]
+    examples = self._read(found)
+    if self.eval_limit:  # 0: the whole split
+      examples = examples[:self.eval_limit]
+    return examples, dataclasses.replace(self.media, **dict(found.entry.options))
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = list(ids)
@@ -194,6 +260,9 @@ def pretrained_weights(config, inputs: Inputs) -> dict[tuple[str, ...], Path]:
   """
   out: dict[tuple[str, ...], Path] = {}
   llm_init = config.model.get("llm_init", "random")
+  if llm_init == "demo" and not inputs.demo:
+    raise config_utils.ConfigError("model.llm_init='demo' needs data.demo=True; give the "
+                                   "converted LLM's Orbax directory (or 'random')")
   if llm_init == "demo":
     from xblip_jax.train import demo_llm  # pylint: disable=import-outside-toplevel
 
@@ -207,6 +276,33 @@ def pretrained_weights(config, inputs: Inputs) -> dict[tuple[str, ...], Path]:
     if path:
       out[("encoders", modality)] = _existing(path, f"model.encoders_init.{modality}")
   return out
+
+
+def _llm_tokenizer_path(value: str) -> Path:
+  """`data.llm_tokenizer`: a folder holding `tokenizer.model` (as HF checkpoints ship it) or
+  the file itself."""
+  if not value:
+    raise config_utils.ConfigError("data.llm_tokenizer is empty: give the folder holding the "
+                                   "LLM's SentencePiece tokenizer.model (e.g. the Vicuna "
+                                   "checkpoint folder)")
+  path = Path(value)
+  if not (path / "tokenizer.model").is_file() and not (path.is_file() and path.name.endswith(
+      ".model")):
+    raise config_utils.ConfigError(f"data.llm_tokenizer={value!r}: no tokenizer.model there")
+  return path
+
+
+def _train_ratios(ratios, names: Sequence[str]) -> list[float | None]:
+  """`data.train_ratios` as mixing weights; empty -> sqrt(size) for every dataset."""
+  if not ratios:
+    return [None] * len(names)
+  ratios = list(ratios)
+  if len(ratios) != len(names):
+    raise config_utils.ConfigError(f"data.train_ratios has {len(ratios)} entries for "
+                                   f"{len(names)} data.train_datasets")
+  if any(not isinstance(r, (int, float)) or isinstance(r, bool) or r <= 0 for r in ratios):
+    raise config_utils.ConfigError(f"data.train_ratios must be positive numbers, got {ratios}")
+  return [float(r) for r in ratios]
 
 
 def _existing(path: str, where: str) -> Path:
