@@ -71,4 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Each set decodes and scores as its task (eval/tasks.py); max_new_tokens / num_beams > 0
   # cap and replace the task preset's (0: the preset's, e.g. beam 5 for QA).
   c.eval = dict(max_new_tokens=8, num_examples=64, num_beams=0)
+  # --mode generate (decode/interactive.py): preset greedy | sample | reference | caption | vqa
+  # | demo (run_demo.py's beam 5), plus any DecodeConfig field (temperature=0.7, top_p=...).
+  c.generate = dict(preset="greedy", max_new_tokens=16, prompt="{}", qformer_prompt="",
+                    add_space=False,           # the reference's eval yamls: True (Q05)
+                    joint_video_audio=False, seed=0)
   return c
