@@ -221,6 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--samples", type=int, default=48, help="timed samples per pipeline")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--mfu", type=float, default=0.4)
+  p.add_argument("--pc-points", type=int, default=0,
+                 help="points per source cloud (default 8192, as Cap3D; more runs FPS)")
   p.add_argument("--tiny", action="store_true", help="tiny media (smoke test)")
   p.add_argument("--no-shards", action="store_true", help="skip the ArrayRecord pipelines")
   return p.parse_args(argv)
@@ -231,6 +233,8 @@ def main(argv=None) -> dict[str, Any]:
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   sources = TINY if args.tiny else Sources()
+  if args.pc_points:
+    sources = dataclasses.replace(sources, points=args.pc_points)
   modalities = [m for m in args.modalities.split(",") if m]
   result: dict[str, Any] = {"bench": "data", "mfu": args.mfu, "cpu_count": os.cpu_count(),
                             "load_start": [round(x, 2) for x in os.getloadavg()],
