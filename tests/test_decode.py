@@ -89,8 +89,8 @@ def _hf(hf, emb, mask, **kw):
   with torch.no_grad(), warnings.catch_warnings():
     warnings.simplefilter("ignore")
     out = hf.generate(inputs_embeds=torch.tensor(emb), attention_mask=torch.tensor(mask),
-                      do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
-                      output_scores=True, return_dict_in_generate=True, **kw)
+                      eos_token_id=EOS, pad_token_id=PAD, output_scores=True,
+                      return_dict_in_generate=True, **{"do_sample": False, **kw})
   scores = getattr(out, "sequences_scores", None)
   return out.sequences.numpy(), None if scores is None else scores.numpy()
 
@@ -115,7 +115,8 @@ def _v5(**kw) -> DecodeConfig:
 def _hf_kwargs(cfg: DecodeConfig) -> dict:
   return dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
               min_new_tokens=cfg.min_new_tokens, repetition_penalty=cfg.repetition_penalty,
-              length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping)
+              length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping,
+              num_return_sequences=cfg.num_return_sequences)
 
 
 @pytest.mark.parametrize("kw", [{}, dict(repetition_penalty=1.5, min_new_tokens=4)],
@@ -136,6 +137,9 @@ BEAM_CASES = {
     "k5_rep1.5_min5": dict(num_beams=5, repetition_penalty=1.5, min_new_tokens=5),
     "k5_lp-1_rep1.15": dict(num_beams=5, length_penalty=-1.0, repetition_penalty=1.15),
     "k5_lp0_min2": dict(num_beams=5, length_penalty=0.0, min_new_tokens=2),
+    "k4_n3": dict(num_beams=4, num_return_sequences=3),
+    "k5_n5_lp-1_rep1.5_min2": dict(num_beams=5, num_return_sequences=5, length_penalty=-1.0,
+                                   repetition_penalty=1.5, min_new_tokens=2),
 }
 
 
@@ -150,6 +154,43 @@ def test_beam_matches_hf(models, name):
   if name == "k3":
     assert (ids == EOS).any(axis=1).tolist() == [True, False, True]
   np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+  n = cfg.num_return_sequences
+  if n > 1:  # a row's n best hypotheses, adjacent, best first; the first is what n = 1 gives
+    assert ids.shape == (B * n, N_NEW) and (np.diff(scores.reshape(B, n), axis=1) <= 0).all()
+    one, one_scores = _ours(ours, _v5(**{**BEAM_CASES[name], "num_return_sequences": 1}), emb,
+                            mask)
+    np.testing.assert_array_equal(ids[::n], one)
+    np.testing.assert_allclose(scores[::n], one_scores, rtol=1e-6)
+
+
+def test_sampling_num_return_sequences(models):
+  """n samples per row: row b's samples are rows b*n..b*n+n-1, each the row decoded alone under
+  its share of the row's key; with top_k 1 they all equal HF's (deterministic) samples."""
+  hf, ours = models
+  emb, mask = _prompt(4)
+  n = 3
+  cfg = _v5(do_sample=True, temperature=2.0, top_k=0, top_p=1.0, num_return_sequences=n)
+  keys = jax.random.split(jax.random.key(5), B)
+  ids, scores = _ours(ours, cfg, emb, mask, keys)
+  assert ids.shape == (B * n, N_NEW) and scores.shape == (B * n,)
+  sub = jax.vmap(lambda k: jax.random.split(k, n))(keys).reshape(B * n)
+  single = _v5(do_sample=True, temperature=2.0, top_k=0, top_p=1.0)
+  alone, alone_scores = _ours(ours, single, np.repeat(emb, n, 0), np.repeat(mask, n, 0), sub)
+  np.testing.assert_array_equal(ids, alone)
+  np.testing.assert_allclose(scores, alone_scores, rtol=1e-5, atol=1e-5)
+  assert all(len({tuple(r) for r in ids[i * n:(i + 1) * n]}) > 1 for i in range(B))
+  top1 = _v5(do_sample=True, top_k=1, repetition_penalty=1.3, num_return_sequences=n)
+  got, _ = _ours(ours, top1, emb, mask, jax.random.key(0))
+  want, _ = _hf(hf, emb, mask, do_sample=True, top_k=1, **_hf_kwargs(top1))
+  assert len(want) == B * n
+  _assert_same(got, want)
+
+
+def test_num_return_sequences_validation():
+  with pytest.raises(ValueError, match="num_return_sequences"):
+    _v5(num_beams=3, num_return_sequences=4)
+  with pytest.raises(ValueError, match="greedy"):
+    _v5(num_return_sequences=2)
 
 
 @pytest.mark.parametrize("num_beams", [1, 5], ids=["greedy", "beam5"])

@@ -62,6 +62,10 @@ class DecodeConfig:
     bos_id: BOS id (in the 4.33 penalty history). Vicuna: 1.
     eos_id: EOS id, None to never stop early (benchmarks). Vicuna: 2.
     pad_id: written after a row's EOS. Vicuna's generation pad: 0 (LAVIS maps 0 -> 2 after).
+    num_return_sequences: sequences returned per row, `n` (HF's name): beam search returns each
+      row's `n` best finished hypotheses by score (`n <= num_beams`), sampling `n` independent
+      samples of each row (the prompt is still prefilled once); outputs are `(B * n, ...)`, a
+      row's sequences adjacent, as HF. Greedy decoding needs `n = 1` (HF refuses it too).
   """
 
   num_beams: int = 5
@@ -78,6 +82,7 @@ class DecodeConfig:
   bos_id: int | None = 1
   eos_id: int | None = 2
   pad_id: int = 0
+  num_return_sequences: int = 1
 
   def __post_init__(self):
     if self.hf_version not in HF_VERSIONS:
@@ -86,6 +91,11 @@ class DecodeConfig:
       raise ValueError("need num_beams >= 1, max_new_tokens >= 1, min_new_tokens >= 0")
     if self.repetition_penalty <= 0 or self.temperature <= 0:
       raise ValueError("repetition_penalty and temperature must be > 0")
+    n = self.num_return_sequences
+    if n < 1 or (self.num_beams > 1 and n > self.num_beams):
+      raise ValueError(f"num_return_sequences {n} must be in [1, num_beams={self.num_beams}]")
+    if n > 1 and self.num_beams == 1 and not self.do_sample:
+      raise ValueError("greedy decoding returns one sequence per row (num_return_sequences 1)")
     if not 0.0 <= self.top_p <= 1.0:
       raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
 
@@ -171,13 +181,15 @@ def generate(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Arra
       last position of every row must be a real token, decoding continues from it).
     cfg: decoding settings (static).
     key: PRNG key for sampling: one key, or `B` keys (one stream per row, so a row's sample does
-      not depend on the rest of the batch). Ignored without `do_sample`.
+      not depend on the rest of the batch; with `n > 1` samples per row, a row's key is split
+      `n` ways). Ignored without `do_sample`.
     knobs: traced values of the penalties etc.; default `cfg.knobs()` (constants).
     head_table: the LM head as a `(vocab, hidden)` matrix (`sampling.head_table`), faster on
       CPU; default: `llm`'s own head.
 
   Returns:
-    ids `(B, max_new_tokens)` (EOS kept, then `pad_id`) and per-row scores: beam search HF's
+    ids `(B * n, max_new_tokens)` (EOS kept, then `pad_id`; `n = cfg.num_return_sequences`, a
+    row's `n` sequences adjacent, best first for beam search) and their scores: beam search HF's
     `sequences_scores` (length-normalised sum of processed log-probs), otherwise the sum of the
     chosen tokens' log-probs under the processed distribution.
   """

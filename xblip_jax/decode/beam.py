@@ -150,14 +150,14 @@ def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[A
                 cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None,
                 table: Float[Array, "V D"] | None = None
                 ) -> tuple[Int[Array, "B N"], Float[Array, "B"]]:
-  """Best hypothesis per row `(B, max_new_tokens)` (EOS kept, then pad) and its HF score."""
+  """The best `n = cfg.num_return_sequences` hypotheses per row `(B * n, max_new_tokens)` (EOS
+  kept, then pad; best first) and their HF scores `(B * n,)`."""
   b, t, _ = inputs_embeds.shape
   k, n = cfg.num_beams, cfg.max_new_tokens
   logits, cache = prefill(llm, inputs_embeds, attention_mask, n, table)
   keys = row_keys(key, b) if cfg.do_sample else None
   # The prompt is shared by a row's beams: repeat the prefilled cache, not the prefill.
-  cache = cache.map_kv(lambda x: jnp.repeat(x, k, axis=0))
-  cache = cache.replace(mask=jnp.repeat(cache.mask, k, axis=0))
+  cache = cache.repeat_rows(k)
   seqs = jnp.full((b, k, n), cfg.pad_id, jnp.int32)
   state = BeamState(
       seqs=seqs, run=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG), fin_seqs=seqs,
@@ -180,6 +180,7 @@ def beam_search(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[A
 
   carry = (jnp.zeros((), jnp.int32), state, jnp.repeat(logits, k, axis=0), cache)
   _, state, _, _ = jax.lax.while_loop(cond, body, carry)
-  best = jnp.argmax(jnp.where(state.fin_valid, state.fin_scores, -jnp.inf), axis=1)
-  ids = _take(state.fin_seqs, best[:, None])[:, 0]
-  return ids, _take(state.fin_scores, best[:, None])[:, 0]
+  # The best `num_return_sequences` hypotheses of each row, best first (ties: older first).
+  scores = jnp.where(state.fin_valid, state.fin_scores, -jnp.inf)
+  best = jnp.argsort(-scores, axis=1, stable=True)[:, :cfg.num_return_sequences]
+  return _take(state.fin_seqs, best).reshape(-1, n), _take(scores, best).reshape(-1)

@@ -5,7 +5,8 @@ when every row has emitted EOS or `max_new_tokens` tokens exist. Each step feeds
 (the last feed is wasted but cheaper than a conditional), so the cache holds
 `T + max_new_tokens` slots.
 
-Per step (HF order): repetition penalty over the row's history, EOS suppression below the
+`num_return_sequences = r` samples per row repeat each prefilled row `r` times (HF repeats the
+prompt) with a key per sample. Per step (HF order): repetition penalty over the row's history, EOS suppression below the
 minimum length, then for sampling temperature / top-k / top-p and one categorical draw from the
 row's own key stream (`fold_in(row_key, step)`); for greedy the argmax.
 """
@@ -93,11 +94,16 @@ def decode(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array,
            cfg: "DecodeConfig", knobs: "Knobs", key: jax.Array | None = None,
            table: Float[Array, "V D"] | None = None
            ) -> tuple[Int[Array, "B N"], Float[Array, "B"]]:
-  """Greedy (`cfg.do_sample` False) or sampled ids `(B, max_new_tokens)` and summed log-probs."""
+  """Greedy (`cfg.do_sample` False) or sampled ids `(B * r, max_new_tokens)` and summed
+  log-probs, `r = cfg.num_return_sequences` samples per row (adjacent)."""
   b = inputs_embeds.shape[0]
-  n = cfg.max_new_tokens
+  n, r = cfg.max_new_tokens, cfg.num_return_sequences
   logits, cache = prefill(llm, inputs_embeds, attention_mask, n, table)
   keys = row_keys(key, b) if cfg.do_sample else None
+  if r > 1:  # r samples per row from the one prefill; each row's key split r ways
+    keys = jax.vmap(lambda k: jax.random.split(k, r))(keys)
+    keys = keys.reshape((b * r,) + keys.shape[2:])
+    logits, cache, b = jnp.repeat(logits, r, axis=0), cache.repeat_rows(r), b * r
   eos = -1 if cfg.eos_id is None else cfg.eos_id
 
   def cond(carry):

@@ -62,6 +62,11 @@ class KVCache:
     """This cache with `fn` applied to every layer's keys and values (e.g. a beam reorder)."""
     return self.replace(k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v))
 
+  def repeat_rows(self, n: int) -> "KVCache":
+    """Each batch row repeated `n` times, adjacent (beams or samples sharing a prefilled prompt)."""
+    return self.map_kv(lambda x: jnp.repeat(x, n, axis=0)).replace(
+        mask=jnp.repeat(self.mask, n, axis=0))
+
   def valid_counts(self) -> Int[Array, "B"]:
     """Number of real tokens stored per row (the next position under left padding)."""
     return jnp.sum(self.mask, axis=1, dtype=jnp.int32)
