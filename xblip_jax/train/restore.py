@@ -65,11 +65,6 @@ def latest_step_dir(workdir: Path) -> Path | None:
 def load_for_inference(config, workdir: str | Path) -> Loaded:
   """Inputs, mesh and the trained model of `config` (see the module docstring for the source)."""
   workdir = Path(workdir)
-  mesh = sharding.make_mesh(dict(config.get("mesh", None) or {"fsdp": -1}))
-  inputs = inputs_lib.build_inputs(config, workdir)
-  vocab = inputs.llm_tokenizer.vocab_size
-  model = model_init.create_sharded(config, inputs.modalities, vocab, mesh,
-                                    weights=inputs_lib.pretrained_weights(config, inputs))
   step_dir = latest_step_dir(workdir)
   if step_dir is not None:
     source, path, step = "workdir", str(step_dir), int(step_dir.name)
@@ -79,6 +74,11 @@ def load_for_inference(config, workdir: str | Path) -> Loaded:
   else:
     raise FileNotFoundError(f"no trained parameters: {workdir / 'checkpoints'} holds no "
                             "checkpoint and config.init_from is empty")
+  mesh = sharding.make_mesh(dict(config.get("mesh", None) or {"fsdp": -1}))
+  inputs = inputs_lib.build_inputs(config, workdir)
+  vocab = inputs.llm_tokenizer.vocab_size
+  model = model_init.create_sharded(config, inputs.modalities, vocab, mesh,
+                                    weights=inputs_lib.pretrained_weights(config, inputs))
   loaded, missing, unexpected = ckpt_lib.init_params(path, model.params, model.param_shardings)
   if source == "workdir" and missing:
     raise ValueError(f"{path} lacks trained parameters {missing[:5]} (of {len(missing)}): "

@@ -1,0 +1,63 @@
+"""`--mode eval` end to end on a shrunken demo: a short training run evaluates at its end, then
+`run_eval` restores its checkpoint and must reproduce the same metrics (same parameters, same
+decoding, same scorers) and write the per-set files and the markdown table."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+from xblip_jax.data import demo
+from xblip_jax.eval.runner import run_eval
+from xblip_jax.train.trainer import train_and_evaluate
+
+sys.path.insert(0, str(REPO / "configs"))
+import demo as demo_config  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _config(root):
+  c = demo_config.get_config()
+  c.data.root = str(root)
+  c.data.modalities = ("image", "pc")
+  c.data.train_datasets = ("image_qa", "pc_qa")
+  c.data.eval_datasets = ("image_qa", "discrn_image_pc")
+  c.data.batch_size = 4
+  c.data.eval_batch_size = 4
+  c.eval.num_examples = 4
+  c.eval.max_new_tokens = 3
+  c.eval.num_beams = 2  # the beam path, kept small
+  c.model.demo_llm.steps = 10
+  c.train.num_steps = 1
+  c.train.log_every = 1
+  c.train.checkpoint_every = 1
+  return c
+
+
+@pytest.mark.slow  # ~140 s CPU: a training run, its evaluation, a restore and a second one
+def test_mode_eval_reproduces_the_training_run_evaluation(tmp_path):
+  root = tmp_path / "data"
+  demo.write_demo_data(root, seed=0, sizes=demo.DemoSizes(
+      image=(8, 4), video=(2, 2), audiocaps=(2, 2), clotho=(2, 2), pc=(8, 4), discrn=(2, 2)))
+  config = _config(root)
+  with pytest.raises(FileNotFoundError, match="init_from"):
+    run_eval(config, tmp_path / "untrained")
+  workdir = tmp_path / "run"
+  summary = train_and_evaluate(config, workdir)
+  trained_table = (workdir / "eval" / "results.md").read_text()
+  results = run_eval(config, workdir)
+  assert results == summary["eval"]
+  assert (workdir / "eval" / "results.md").read_text() == trained_table
+  assert "| image_qa | gqa | gqa_acc |" in trained_table
+  assert "| discrn_image_pc | discrn_image_3d | discrn_acc |" in trained_table
+  for name, metric in (("image_qa", "gqa_acc"), ("discrn_image_pc", "discrn_acc")):
+    out = json.loads((workdir / "eval" / f"{name}.json").read_text())
+    assert out["metrics"] == results[name]
+    preds = out["predictions"]
+    assert len(preds) == results[name]["num_examples"] > 0
+    assert all(p["answers"] and p["score"] in (0.0, 1.0) for p in preds)
+    assert results[name][metric] == pytest.approx(sum(p["score"] for p in preds) / len(preds))
+  meta = json.loads((workdir / "eval" / "summary.json").read_text())
+  assert (meta["source"], meta["step"]) == ("workdir", 1)
