@@ -19,6 +19,7 @@ from xblip_jax.config_utils import ConfigError
 from xblip_jax.data import templates
 from xblip_jax.data.demo_tokenizer import train_demo_tokenizer
 from xblip_jax.data.pipeline import RandomMixIterDataset
+from xblip_jax.eval import tasks
 from xblip_jax.train import inputs as inputs_lib
 from xblip_jax.train.trainer import train_and_evaluate
 
@@ -123,7 +124,11 @@ def test_real_data_trains_and_evaluates(data_root, tmp_path):
   assert {row["modality"] for row in summary["history"]} == {"image"}
   assert summary["data"]["read_skipped"]["coco_vqa_instruct"] == {"missing media file": 1}
   result = summary["eval"]["coco_caption_val"]
-  assert result["num_examples"] == 1 and math.isfinite(result["loss"])
+  assert math.isfinite(result["loss"])
+  preds = json.loads((tmp_path / "run" / "predictions" / "coco_caption_val.json").read_text())
+  # Scored as the reference's COCO captioning: its prompt, all references of the image.
+  assert [p["instruction"] for p in preds] == [tasks.TASKS["coco_caption"].prompt]
+  assert preds[0]["answers"] == ["a dark square", "dark"]
 
 
 def test_config_errors_name_the_field(data_root, tmp_path):

@@ -25,6 +25,7 @@ from xblip_jax.data import text as text_lib
 from xblip_jax.data.demo_tokenizer import train_demo_tokenizer
 from xblip_jax.data.example import Example, Examples, MediaError, RecordError
 from xblip_jax.data.tokenizers import LlmTokenizer, QFormerTokenizer
+from xblip_jax.eval import tasks as tasks_lib
 from xblip_jax.models.assembly import PromptIds
 
 CUES = {"image": " image: ", "pc": " 3d: ", "video": " video: ", "audio": " audio: "}
@@ -190,13 +191,18 @@ class Inputs:
 
   def _eval_set(self, name: str) -> EvalSet:
     examples, media_opts = self._eval_examples(name)
+    task = None if self.demo else self._eval_sources[name].entry.eval_task
+    task_def = tasks_lib.TASKS[task] if task else None
     rows, skipped = [], {}
     for i, ex in enumerate(examples):
       rng = np.random.default_rng([self.seed, 7, i])
       refs = list(ex.answers) or ([ex.text_output] if isinstance(ex.text_output, str)
                                   else list(ex.text_output))
       try:
+        question = ex.text_input
         ex = templates.instruct(ex, rng)
+        if task_def is not None:  # the task's own prompt, as the reference's eval yamls
+          ex = ex.replace(text_input=task_def.format_prompt(question or None))
         arrays = pipeline.load_media(ex, rng, train=False, opts=media_opts)
       except (MediaError, RecordError) as e:
         skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
@@ -219,7 +225,6 @@ class Inputs:
       arrays = [r[1] for r in chunk] + [filler] * (self.eval_batch_size - len(chunk))
       batch = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
       batches.append((tuple(chunk[0][0]), batch, refs))
-    task = None if self.demo else self._eval_sources[name].entry.eval_task
     return EvalSet(name, batches, task=task)
 
   def _eval_examples(self, name: str) -> tuple[Sequence[Example], pipeline.MediaOptions]:
