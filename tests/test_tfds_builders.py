@@ -146,6 +146,17 @@ def test_cli_writes_a_tfds_dataset_and_no_tensorflow(prepared, tmp_path, capsys)
   assert result["counts"]["train"]["kept"] == len(datasets["discrn_image_pc"][0].examples)
   shards = source.shard_examples(result["directory"])
   assert [e.id for e in shards] == [e.id for e in datasets["discrn_image_pc"][0].examples]
+  # A dataset of the experiment configs, located under data.root as training locates it.
+  pc = manifest["pc_caption"]["train"]
+  root = tmp_path / "lavis"
+  (root / "objaverse" / "annotations").mkdir(parents=True)
+  shutil.copy(pc.annotation, root / "objaverse" / "annotations" / "train.csv")
+  (root / "objaverse" / "pc").symlink_to(pc.media_root)
+  located = prepare.main(["--dataset", "objaverse_mm_caption_instruct", "--root", str(root),
+                          "--output", str(tmp_path / "registry")])
+  assert "xblip_pc" in located["directory"]
+  assert [e.id for e in source.shard_examples(located["directory"])] == [
+      e.id for e in demo.read_demo(pc)]
   # Worker processes get the source pickled.
   assert pickle.loads(pickle.dumps(shards))[1].id == shards[1].id
   assert "tensorflow" not in sys.modules
