@@ -90,8 +90,9 @@ def get_config(size: str, modality: str, target: str | None = None) -> ml_collec
       demo=False,
       # Folder holding the datasets in LAVIS' cache_root layout (docs/launch.md, "Preparing
       # the datasets"); each dataset's files can be moved with `paths.<name>.annotation`
-      # (comma-separated for several) and `paths.<name>.media`, relative to `root` or absolute.
-      root="", paths={name: dict(annotation="", media="") for name in names},
+      # (comma-separated for several) and `paths.<name>.media`, relative to `root` or absolute;
+      # `paths.<name>.shards` trains from its prepared ArrayRecord shards instead.
+      root="", paths={name: dict(annotation="", media="", shards="") for name in names},
       modalities=(modality,), train_datasets=names,
       train_ratios=tuple(ratio for _, ratio in datasets),
       eval_datasets=(), batch_size=global_batch, eval_batch_size=global_batch,

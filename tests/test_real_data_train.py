@@ -148,3 +148,23 @@ def test_config_errors_name_the_field(data_root, tmp_path):
   c.data.root = ""
   with pytest.raises(ConfigError, match="data.root"):
     inputs_lib.build_inputs(c, tmp_path)
+
+
+def test_training_set_from_prepared_shards(data_root, tmp_path):
+  from xblip_jax.data.tfds import prepare  # pylint: disable=import-outside-toplevel
+  made = prepare.main(["--dataset", "coco_vqa_instruct", "--root", str(data_root),
+                       "--output", str(tmp_path / "prepared"), "--no-decode-check",
+                       "--max-bad-fraction", "0.5"])  # the fixture's one missing image
+  c = _config(data_root, batch=2)
+  c.data.train_ratios = (1.0, 3.0)
+  c.data.paths = {"coco_vqa_instruct": {"shards": made["directory"], "annotation": "absent.json"}}
+  inputs = inputs_lib.build_inputs(c, tmp_path / "run")
+  assert len(inputs.pipeline.cdf) == 2
+  bright = 0
+  for _ in range(20):
+    _, batch = inputs.next_train()
+    bright += int(batch["image"].mean() > 0)
+  assert bright > 0  # VQA batches come from the shards (the annotation path is not read)
+  c.data.paths = {"coco_vqa_instruct": {"shards": str(tmp_path / "nothing")}}
+  with pytest.raises(ConfigError, match="data.paths.coco_vqa_instruct.shards"):
+    inputs_lib.build_inputs(c, tmp_path / "run2")

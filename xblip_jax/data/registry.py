@@ -6,10 +6,11 @@ location of its annotation files and media below `data.root`, laid out as LAVIS'
 (`coco/annotations/coco_karpathy_train.json`, `coco/images`, ...; see docs/launch.md,
 "Preparing the datasets"). `data.paths.<name>.annotation` / `.media` move one dataset
 elsewhere (relative to `data.root`, or absolute; several annotation files separated by
-commas), and `.require_media` (Python configs) switches the up-front existence check of media
-files. The defaults for that check follow the reference: datasets whose LAVIS class filters
-records to files on disk check here too; the others meet a missing file in the pipeline, where
-it is skipped and counted against `data.max_bad_fraction`.
+commas), `.shards` names its prepared ArrayRecord dataset (`data/tfds/prepare.py`) to train
+from instead of the raw files, and `.require_media` (Python configs) switches the up-front
+existence check of media files. The defaults for that check follow the reference: datasets
+whose LAVIS class filters records to files on disk check here too; the others meet a missing
+file in the pipeline, where it is skipped and counted against `data.max_bad_fraction`.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ ENTRIES: dict[str, Entry] = {
         options={"n_frms": 2}, eval_task="discrn_audio_video"),
 }
 
-OVERRIDE_KEYS = ("annotation", "media", "require_media")
+OVERRIDE_KEYS = ("annotation", "media", "shards", "require_media")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +218,7 @@ class Resolved:
   annotations: tuple[str, ...]
   media: str | dict[str, str]
   require_media: bool
+  shards: str = ""  # prepared TFDS dataset directory; "" -> the raw files
 
 
 def known_names(split: str | None = None) -> list[str]:
@@ -256,13 +258,16 @@ def resolve(name: str, root: str | os.PathLike, override: Mapping[str, Any] | No
   media_value = override.get("media") or entry.media
   media = (join(media_value) if isinstance(media_value, str)
            else {m: join(p) for m, p in dict(media_value).items()})
-  for path in annotations:
+  shards = join(override["shards"]) if override.get("shards") else ""
+  if shards and not Path(shards).is_dir():
+    raise ConfigError(f"data.paths.{name}.shards={shards}: not a prepared dataset directory")
+  for path in () if shards else annotations:
     if not Path(path).is_file():
       raise ConfigError(f"dataset {name!r}: annotation file {path} not found (set data.root, or "
                         f"data.paths.{name}.annotation; see docs/launch.md)")
   require = override.get("require_media", "")
   return Resolved(name, entry, annotations, media,
-                  entry.require_media if require in ("", None) else bool(require))
+                  entry.require_media if require in ("", None) else bool(require), shards)
 
 
 def read(resolved: Resolved) -> Examples:

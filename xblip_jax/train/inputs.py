@@ -135,11 +135,16 @@ class Inputs:
     for name, weight in zip(self.train_names, ratios, strict=True):
       found = self._resolve(name, paths, "data.train_datasets")
       entry = found.entry
-      examples = self._read(found)
+      if found.shards:  # prepared ArrayRecord shards: records are read when drawn
+        from xblip_jax.data.tfds import source  # pylint: disable=import-outside-toplevel
+        examples = source.shard_examples(found.shards, entry.split)
+      else:
+        examples = self._read(found)
       specs.append(pipeline.DatasetSpec(
           name=name, examples=examples, weight=weight,
           media=dataclasses.replace(self.media, **dict(entry.options)), **dict(entry.spec)))
-      logging.info("dataset %s: %d examples from %s", name, len(examples), found.annotations)
+      logging.info("dataset %s: %d examples from %s", name, len(examples),
+                   found.shards or found.annotations)
     return specs, tok_path
 
   def _resolve(self, name: str, paths: dict, where: str) -> registry.Resolved:
@@ -233,6 +238,9 @@ class Inputs:
       return (demo.read_demo(entry)[:self.eval_limit],
               dataclasses.replace(self.media, **entry.options))
     found = self._eval_sources[name]
+    if found.shards:
+      raise config_utils.ConfigError(f"data.paths.{name}.shards: evaluation sets are read from "
+                                     "their raw files")
     examples = self._read(found)
     if self.eval_limit:  # 0: the whole split
       examples = examples[:self.eval_limit]
