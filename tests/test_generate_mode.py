@@ -30,6 +30,7 @@ from xblip_jax.data import demo
 from xblip_jax.decode import interactive
 from xblip_jax.decode.api import DecodeConfig, jit_generate
 from xblip_jax.decode.stream import Streamer
+from xblip_jax.models import assembly
 from xblip_jax.models.layers import Precision
 from xblip_jax.models.llm.llama import Llama, LlamaConfig
 from xblip_jax.train import inputs as inputs_lib
@@ -294,3 +295,58 @@ def test_settings_name_bad_fields():
     interactive.settings(dict(preset="fast"), tok)
   with pytest.raises(ConfigError, match="generate.top_p"):
     interactive.settings(dict(top_p="high"), tok)
+
+
+def _sequence(prompt, order, soft, use_cues=True) -> list[float]:
+  """The assembled prefix as numbers: token ids as themselves, soft tokens as their values."""
+  embed = lambda ids: ids[..., None].astype(jnp.float32)
+  text = jnp.asarray([[99]], jnp.int32)
+  x, _, _ = assembly.assemble(embed, soft, text, jnp.ones_like(text), None, prompt, order,
+                              use_cues=use_cues)
+  return np.asarray(x)[0, :, 0].tolist()
+
+
+CUE_PROMPT = assembly.PromptIds(cues=(("video", (2, 10, 11)), ("audio", (2, 20))),
+                                clean_tokenization=True)
+
+
+def test_media_layout_add_space_and_order():
+  soft = {"audio": jnp.full((1, 2, 1), -2.0), "video": jnp.full((1, 2, 1), -1.0)}
+  space = jnp.full((1, 1, 1), 7.0)
+  prompt, order, pieces = interactive.media_layout(
+      CUE_PROMPT, ("audio", "video"), soft, use_cues=True, joint=False, space=space,
+      num_query_tokens=2)
+  # The first cue keeps its BOS, later ones lose it; a " " after each modality's soft tokens.
+  assert _sequence(prompt, order, pieces) == [2, 20, -2, -2, 7, 10, 11, -1, -1, 7, 99]
+  prompt, order, pieces = interactive.media_layout(
+      CUE_PROMPT, ("video", "audio"), soft, use_cues=False, joint=False, space=None,
+      num_query_tokens=2)
+  assert _sequence(prompt, order, pieces, use_cues=False) == [-1, -1, -2, -2, 99]
+
+
+def test_media_layout_joint_video_audio():
+  q, frames = 2, 3
+  video = jnp.asarray([[[-(10 + i // q)] for i in range(frames * q)]], jnp.float32)
+  audio = jnp.asarray([[[-(20 + i // q)] for i in range(4 * q)]], jnp.float32)  # 4 clips
+  soft = {"video": video, "audio": audio}
+  prompt, order, pieces = interactive.media_layout(
+      CUE_PROMPT, ("video", "audio"), soft, use_cues=True, joint=True, space=None,
+      num_query_tokens=q)
+  # Frame by clip; the reference keeps the video cue's BOS for frames 0 and 1 (`pos > 1`).
+  assert _sequence(prompt, order, pieces) == [
+      2, 10, 11, -10, -10, 20, -20, -20,
+      2, 10, 11, -11, -11, 20, -21, -21,
+      10, 11, -12, -12, 20, -22, -22, 99]
+  with pytest.raises(interactive.InputError, match="2 clips, fewer than the video's 3"):
+    interactive.media_layout(CUE_PROMPT, ("video", "audio"),
+                             {"video": video, "audio": audio[:, :2 * q]}, use_cues=True,
+                             joint=True, space=None, num_query_tokens=q)
+  with pytest.raises(interactive.InputError, match="exactly a video and an audio"):
+    interactive.media_layout(CUE_PROMPT, ("video",), {"video": video}, use_cues=True,
+                             joint=True, space=None, num_query_tokens=q)
+
+
+def test_space_token_is_the_lone_word_boundary_piece(tiny):
+  tok = tiny[3].inputs.llm_tokenizer
+  (space,) = interactive.space_ids(tok)
+  assert tok.sp.id_to_piece(space) == "\u2581"

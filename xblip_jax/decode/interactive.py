@@ -14,7 +14,8 @@ sees the formatted instruction (or `generate.qformer_prompt`), left-truncated at
 
 A prompt whose instruction does not fit the LLM's context (`max_position_embeddings`, keeping
 room for `max_new_tokens` answer tokens) loses the START of the instruction, the reference
-tokenizer's `truncation_side="left"`, and a warning says so once.
+tokenizer's `truncation_side="left"` (the reference never cuts it, quirk Q49), and a warning says
+so once.
 
 Decoding follows the config's `generate` section: `preset` (greedy, sample, or a
 `DecodeConfig` preset: reference, caption, vqa, demo) plus any `DecodeConfig` field. Greedy and
@@ -147,6 +148,19 @@ def load_batch(media: Sequence[tuple[str, Path]], opts: pipeline.MediaOptions,
   return {k: v[None] for k, v in arrays.items()}
 
 
+def space_ids(tokenizer) -> list[int]:
+  """The reference's `llm_tokenizer(" ", add_special_tokens=False)`: its slow LLaMA tokenizer
+  gives the lone `"▁"` piece (Vicuna: 29871), where SentencePiece's own encoder drops a bare
+  space."""
+  ids = tokenizer.encode(" ", add_bos=False)
+  if ids:
+    return ids
+  piece = tokenizer.sp.piece_to_id("\u2581")
+  if piece == tokenizer.sp.unk_id():
+    raise config_utils.ConfigError("generate.add_space: the LLM tokenizer has no '\u2581' piece")
+  return [piece]
+
+
 def media_layout(prompt: assembly.PromptIds, order: Sequence[str], soft: dict, *,
                  use_cues: bool, joint: bool, space: Float[Array, "1 S D"] | None,
                  num_query_tokens: int) -> tuple[assembly.PromptIds, tuple[str, ...], dict]:
@@ -156,7 +170,7 @@ def media_layout(prompt: assembly.PromptIds, order: Sequence[str], soft: dict, *
   `add_space` rides on the soft tokens (a `" "` after each modality). The joint video-audio
   layout becomes one pseudo-modality per (frame, modality) with the cue the reference gives it:
   with clean tokenisation the BOS stays on the video cue of frames 0 and 1 (its test is
-  `pos > 1`, quirk Q37) when no prefix precedes, and is dropped on every audio cue.
+  `pos > 1`, quirk Q50) when no prefix precedes, and is dropped on every audio cue.
   """
   if space is not None:
     soft = {m: jnp.concatenate([x, jnp.broadcast_to(space, (x.shape[0],) + space.shape[1:])
@@ -250,8 +264,8 @@ def prepare(config, workdir: str | Path, media: Sequence[str], instruction: str,
     soft = _soft_jit(loaded.graphdef, loaded.params, loaded.rest, batch, order)
   model = loaded.merge()
   text_cfg = inputs.text_cfg
-  space = (model.llm.embed(jnp.asarray([tok.encode(" ", add_bos=False)], jnp.int32))
-           if opts.add_space else None)
+  space = (model.llm.embed(jnp.asarray([space_ids(tok)], jnp.int32)) if opts.add_space
+           else None)
   ids, order, soft = media_layout(inputs.prompt_ids, order, soft, use_cues=model.cfg.use_cues,
                                   joint=opts.joint_video_audio, space=space,
                                   num_query_tokens=model.cfg.num_query_tokens)
