@@ -26,6 +26,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from xblip_jax.models.layers import LayerNorm, Precision, dense, gelu_exact, softmax_f32
+from xblip_jax.models.remat import checkpointed
 
 # PyTorch's bicubic kernel constant (Keys' "a"); jax.image.resize uses -0.5 and antialiasing.
 _CUBIC_A = -0.75
@@ -279,7 +280,7 @@ class EvaViT(nnx.Module):
 
   def _forward(self, pixels: Array, *, collect: bool) -> list[Array]:
     x = self.embed(pixels)
-    run = nnx.remat(_run_block) if self.cfg.remat else _run_block
+    run = checkpointed(_run_block) if self.cfg.remat else _run_block
     outs = []
     for block in self.blocks:
       x = run(block, x)

@@ -34,6 +34,7 @@ from jaxtyping import Array, Bool, Float, Int
 from xblip_jax.models import layers
 from xblip_jax.models.layers import Precision, RMSNorm, softmax_f32
 from xblip_jax.models.llm.kv_cache import KVCache, update_layer
+from xblip_jax.models.remat import checkpointed
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -255,8 +256,8 @@ def _layer_fn(policy: str):
   if policy == "none":
     return _run_layer
   if policy == "full":
-    return nnx.remat(_run_layer)
-  return nnx.remat(_run_layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return checkpointed(_run_layer)
+  return checkpointed(_run_layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
 class Llama(nnx.Module):
