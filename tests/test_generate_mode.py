@@ -350,3 +350,16 @@ def test_space_token_is_the_lone_word_boundary_piece(tiny):
   tok = tiny[3].inputs.llm_tokenizer
   (space,) = interactive.space_ids(tok)
   assert tok.sp.id_to_piece(space) == "\u2581"
+
+
+def test_beam_search_prints_the_best_hypothesis_at_the_end(llm, tiny):
+  tok = tiny[3].inputs.llm_tokenizer
+  cfg = DecodeConfig(num_beams=2, max_new_tokens=6, eos_id=EOS, pad_id=PAD, bos_id=BOS)
+  emb, mask = _prompt(11, b=1)
+  prep = interactive.Prepared(embeds=emb, mask=mask, llm=llm, decode=cfg,
+                              options=interactive.GenerateOptions(), tokenizer=tok,
+                              instruction_ids=[])
+  want = _until_eos(np.asarray(jit_generate(llm, cfg)(emb, mask)[0])[0], EOS)
+  out = io.StringIO()
+  assert interactive.answer_ids(prep, out) == want and want
+  assert out.getvalue() == tok.decode(want).strip() + "\n"
