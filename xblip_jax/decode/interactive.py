@@ -25,6 +25,7 @@ sampling stream (`decode/stream.py`); beam search prints the answer when the sea
 from __future__ import annotations
 
 import dataclasses
+import io
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
@@ -32,7 +33,7 @@ from typing import Any, Mapping, Sequence, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, logging
+from absl import logging
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -50,7 +51,7 @@ ONE_BEAM_PRESETS = {"greedy": dict(num_beams=1), "sample": dict(num_beams=1, do_
 PRESETS = tuple(ONE_BEAM_PRESETS) + ("reference", "caption", "vqa", "demo")
 
 
-class InputError(app.UsageError, ValueError):
+class InputError(ValueError):
   """A bad `--media` / `--instruction` value; the message names it."""
 
 
@@ -329,7 +330,16 @@ def answer_ids(prepared: Prepared, out: TextIO) -> list[int]:
 
 def run_generate(config, workdir: str | Path, *, media: Sequence[str], instruction: str,
                  out: TextIO | None = None, loaded=None) -> str:
-  """Prints the answer to `instruction` about `media` (`modality=path` strings) and returns it."""
-  prepared = prepare(config, workdir, media, instruction, loaded)
-  ids = answer_ids(prepared, out or sys.stdout)
+  """Prints the answer to `instruction` about `media` (`modality=path` strings) and returns it.
+
+  Bad input ends the program with its message alone (no traceback, no flag listing); with
+  several processes only process 0 prints.
+  """
+  try:
+    prepared = prepare(config, workdir, media, instruction, loaded)
+  except InputError as e:
+    raise SystemExit(f"generate: {e}") from e
+  if out is None:
+    out = sys.stdout if jax.process_index() == 0 else io.StringIO()
+  ids = answer_ids(prepared, out)
   return prepared.tokenizer.decode(ids).strip()
