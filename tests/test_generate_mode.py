@@ -295,6 +295,10 @@ def test_settings_name_bad_fields():
     interactive.settings(dict(preset="fast"), tok)
   with pytest.raises(ConfigError, match="generate.top_p"):
     interactive.settings(dict(top_p="high"), tok)
+  config = demo_config.get_config()
+  config.generate.preset = "fast"
+  with pytest.raises(ConfigError, match="generate.preset='fast'"):  # before any model loads
+    interactive.prepare(config, "/never/read", [f"image={REPO / 'README.md'}"], "why?")
 
 
 def _sequence(prompt, order, soft, use_cues=True) -> list[float]:

@@ -78,7 +78,8 @@ class GenerateOptions:
 
 def settings(section: Mapping[str, Any] | None, tokenizer) -> tuple[DecodeConfig, GenerateOptions]:
   """`(DecodeConfig, GenerateOptions)` of the config's `generate` section; unknown fields and
-  presets are errors naming them. Token ids the section leaves out come from `tokenizer`."""
+  presets are errors naming them. Token ids the section leaves out come from `tokenizer` (None:
+  `DecodeConfig`'s Vicuna ids, to check a section before the model is loaded)."""
   section = dict(section or {})
   option_fields = {f.name for f in dataclasses.fields(GenerateOptions)}
   decode_fields = {f.name for f in dataclasses.fields(DecodeConfig)} | {"preset"}
@@ -96,8 +97,9 @@ def settings(section: Mapping[str, Any] | None, tokenizer) -> tuple[DecodeConfig
   preset = fields.pop("preset", "greedy")
   if preset not in PRESETS:
     raise config_utils.ConfigError(f"unknown generate.preset={preset!r}; choose one of {PRESETS}")
-  ids = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-             bos_id=tokenizer.sp.piece_to_id("<s>"))  # 4.33's generation BOS (Vicuna: 1)
+  ids = {} if tokenizer is None else dict(
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+      bos_id=tokenizer.sp.piece_to_id("<s>"))  # 4.33's generation BOS (Vicuna: 1)
   fields = {**{k: v for k, v in ids.items() if k not in fields}, **fields}
   if preset in ONE_BEAM_PRESETS:
     fields = {**ONE_BEAM_PRESETS[preset], **fields}
@@ -248,6 +250,7 @@ def prepare(config, workdir: str | Path, media: Sequence[str], instruction: str,
     raise InputError("--instruction is empty: say what to do with the media")
   configured = tuple(config.data.modalities)
   items = parse_media(media, configured)
+  settings(config.get("generate", None), None)  # a bad section fails before the slow load
   if loaded is None:
     from xblip_jax.train.restore import load_for_inference  # pylint: disable=C0415
 
