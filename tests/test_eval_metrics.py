@@ -4,8 +4,11 @@ the Python PTB tokenizer against the Java one."""
 
 from __future__ import annotations
 
+import jax
+import numpy as np
 import pytest
 
+from xblip_jax.eval import candidate_nll
 from xblip_jax.eval import captioning, classification, discrn, ptb, scoring, tasks, vqa
 
 
@@ -70,6 +73,19 @@ def test_classification_methods():
   losses = [[2.0, 1.5, 3.0], [0.1, 0.2, 0.1]]
   assert list(classification.rank_candidates(losses)) == [1, 0]
   assert classification.accuracy([1, 0], [1, 2]) == 0.5
+
+
+def test_row_nll_sums_the_training_loss_per_row():
+  from xblip_jax.models.assembly import causal_lm_loss  # pylint: disable=import-outside-toplevel
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  logits = jax.random.normal(k1, (3, 7, 11))
+  labels = np.array(jax.random.randint(k2, (3, 7), 0, 11))
+  labels[np.asarray(jax.random.bernoulli(k3, 0.4, (3, 7)))] = -100
+  per_row = np.asarray(candidate_nll.row_nll(logits, labels))
+  loss, count = causal_lm_loss(logits, labels)
+  np.testing.assert_allclose(per_row.sum(), float(loss) * int(count), rtol=1e-5)
+  one, n1 = causal_lm_loss(logits[1:2], labels[1:2])
+  np.testing.assert_allclose(per_row[1], float(one) * int(n1), rtol=1e-5)
 
 
 def test_task_registry_prompts_and_decoding():

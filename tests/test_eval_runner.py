@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
 from xblip_jax.data import demo
+from xblip_jax.eval import candidate_nll, classification
 from xblip_jax.eval.runner import run_eval
+from xblip_jax.train import restore
+from xblip_jax.train import step as step_lib
 from xblip_jax.train.trainer import train_and_evaluate
 
 sys.path.insert(0, str(REPO / "configs"))
@@ -61,3 +65,21 @@ def test_mode_eval_reproduces_the_training_run_evaluation(tmp_path):
     assert results[name][metric] == pytest.approx(sum(p["score"] for p in preds) / len(preds))
   meta = json.loads((workdir / "eval" / "summary.json").read_text())
   assert (meta["source"], meta["step"]) == ("workdir", 1)
+
+  # Ranking: the per-row candidate NLL is the training loss path per row, and the reference
+  # answer as a candidate is ranked against other answers by it.
+  loaded = restore.load_for_inference(config, workdir)
+  order, batch, refs = loaded.inputs.eval_sets()[0].batches[0]
+  nll = candidate_nll.make_sequence_nll(loaded.graphdef, loaded.inputs.prompt_ids)
+  eval_loss = step_lib.make_eval_loss(loaded.graphdef, loaded.inputs.prompt_ids)
+  summed, _ = eval_loss(loaded.params, loaded.rest, batch, order)
+  rows = np.asarray(nll(loaded.params, loaded.rest, batch, order))
+  assert rows.sum() == pytest.approx(float(summed), rel=1e-4)
+  classes = sorted({r["answers"][0] for r in refs} | {"blue", "green"})
+  instructions = [r["instruction"] for r in refs]
+  instructions += [instructions[-1]] * (len(rows) - len(instructions))
+  losses = candidate_nll.candidate_losses(nll, loaded.params, loaded.rest, batch, order,
+                                          loaded.inputs.text, instructions, classes)
+  assert losses.shape == (len(rows), len(classes)) and np.all(losses > 0)
+  picked = classification.rank_candidates(losses)
+  assert np.all(losses[np.arange(len(rows)), picked] == losses.min(axis=1))
