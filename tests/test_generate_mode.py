@@ -113,8 +113,6 @@ def test_stream_refuses_beam_search(llm):
     Streamer(llm, DecodeConfig(num_beams=5))
 
 
-
-
 # --- end to end on a shrunken demo ---------------------------------------------------------
 # The demo model shrunk to image + 3D, with weights drawn in numpy (compiling the model's random
 # init takes ~35 s of CPU), saved as the pretrained towers and an `init_from` parameter tree:
