@@ -84,19 +84,18 @@ def lm_loss(model: XInstructBlip, batch: dict, order: Sequence[str],
   """(token-mean loss, supervised token count) of one batch: `XInstructBlip.__call__` with
   sharding constraints on the assembled LLM input and the logits.
 
-  Runs in NNX tree mode: the towers' `nnx.remat` (LLM `remat_policy`, EVA `remat`) then works
-  on a model merged inside `jax.value_and_grad` (graph mode raises a trace-level error).
+  The towers' remat (LLM `remat_policy`, EVA `remat`, `models/remat.py`) works on a model
+  merged inside `jax.value_and_grad`.
   """
-  with nnx.graph.set_graph_mode(False):
-    soft = soft_tokens(model, batch, order, deterministic=deterministic, rngs=rngs)
-    embeds, mask, labels = assembly.assemble(
-        model.llm.embed, soft, batch["llm_text_ids"], batch["llm_text_mask"],
-        batch["llm_text_labels"], prompt, order, layout=model.cfg.layout,
-        use_cues=model.cfg.use_cues)
-    embeds = sharding.constrain(embeds, ("batch", "seq", "embed"))
-    logits = model.llm(embeds, attention_mask=mask).logits
-    logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
-    return assembly.causal_lm_loss(logits, labels)
+  soft = soft_tokens(model, batch, order, deterministic=deterministic, rngs=rngs)
+  embeds, mask, labels = assembly.assemble(
+      model.llm.embed, soft, batch["llm_text_ids"], batch["llm_text_mask"],
+      batch["llm_text_labels"], prompt, order, layout=model.cfg.layout,
+      use_cues=model.cfg.use_cues)
+  embeds = sharding.constrain(embeds, ("batch", "seq", "embed"))
+  logits = model.llm(embeds, attention_mask=mask).logits
+  logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
+  return assembly.causal_lm_loss(logits, labels)
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
@@ -192,13 +191,12 @@ def make_generate(graphdef, prompt: assembly.PromptIds, *, max_new_tokens: int, 
 
   def generate(params, rest, batch, order):
     model = nnx.merge(graphdef, params, rest)
-    with nnx.graph.set_graph_mode(False):  # as in `lm_loss`
-      soft = soft_tokens(model, batch, order, deterministic=True)
-      embeds, mask, _ = assembly.assemble(model.llm.embed, soft, batch["prompt_ids"],
-                                          batch["prompt_mask"], None, prompt, order,
-                                          layout="single", use_cues=model.cfg.use_cues)
-      return greedy_decode(model.llm, embeds, mask, max_new_tokens=max_new_tokens,
-                           eos_id=eos_id, pad_id=pad_id)
+    soft = soft_tokens(model, batch, order, deterministic=True)
+    embeds, mask, _ = assembly.assemble(model.llm.embed, soft, batch["prompt_ids"],
+                                        batch["prompt_mask"], None, prompt, order,
+                                        layout="single", use_cues=model.cfg.use_cues)
+    return greedy_decode(model.llm, embeds, mask, max_new_tokens=max_new_tokens,
+                         eos_id=eos_id, pad_id=pad_id)
 
   return _eval_jit(generate, shardings)
 

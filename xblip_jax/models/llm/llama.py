@@ -32,11 +32,13 @@ from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from xblip_jax.models import layers
+from xblip_jax.sharding import constrain
 from xblip_jax.models.layers import Precision, RMSNorm, softmax_f32
 from xblip_jax.models.llm.kv_cache import KVCache, update_layer
 from xblip_jax.models.remat import checkpointed
 
 REMAT_POLICIES = ("none", "full", "dots")
+HIDDEN_AXES = ("batch", "seq", "embed")
 
 
 def dense(in_features: int, out_features: int, axes: tuple[str, str], *, precision: Precision,
@@ -333,8 +335,12 @@ class Llama(nnx.Module):
       k_all, v_all = cache.k, cache.v
     cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
     run = _layer_fn(self.cfg.remat_policy)
+    # Hidden states between layers sharded by logical names (a no-op outside a mesh), so GSPMD
+    # keeps the activations' batch split through the stack instead of choosing per layer.
+    x = constrain(x, HIDDEN_AXES)
     for layer in self.layers:
       x, k_all, v_all = run(layer, x, cos, sin, allowed, k_all, v_all, index)
+      x = constrain(x, HIDDEN_AXES)
     h = self.norm(x)
     if self.lm_head is None:
       table = self.embed_tokens.embedding[...].astype(h.dtype)
