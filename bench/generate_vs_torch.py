@@ -20,7 +20,7 @@ hypotheses. `match` says whether both sides returned the same ids.
 The last line printed is one JSON object (times in ms, ratio = torch time / jax time).
 
   .venv/bin/python -m bench.generate_vs_torch [--reps 5] [--new 32] [--batches 1,8]
-      [--max-load 2 --wait-s 600] [--threads 1]
+      [--max-load 2 --wait-s 600] [--threads 1] [--xla-options JSON]
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ def main():
   parser.add_argument("--max-load", type=float, default=None,
                       help="wait (up to --wait-s) for the 1-min load average to drop below this")
   parser.add_argument("--wait-s", type=float, default=600)
+  parser.add_argument("--xla-options", default="{}",
+                      help='XLA options for the generate program (JSON), e.g. '
+                           '\'{"xla_cpu_experimental_ynn_fusion_type": ""}\' for Eigen dots')
+  parser.add_argument("--no-head-table", action="store_true",
+                      help="LM head as its (hidden, vocab) kernel (faster with Eigen dots)")
   parser.add_argument("--threads", type=int, default=None,
                       help="pin the process to this many cores (both sides use them all)")
   args = parser.parse_args()
@@ -133,7 +138,8 @@ def main():
       kw = modes[mode]
       cfg = DecodeConfig(max_new_tokens=args.new, min_new_tokens=0, hf_version="5",
                          eos_id=None, **kw)
-      fn = jit_generate(ours, cfg)
+      fn = jit_generate(ours, cfg, compiler_options=json.loads(args.xla_options) or None,
+                        head_table=False if args.no_head_table else None)
       t0 = time.perf_counter()
       got = np.asarray(jax.block_until_ready(fn(emb_j, mask_j))[0])
       compile_s = time.perf_counter() - t0
@@ -182,7 +188,8 @@ def main():
       config=dict(layers=args.layers, hidden=args.hidden, heads=args.heads,
                   intermediate=args.intermediate, vocab=args.vocab, prefix=args.prefix,
                   prompt=args.prompt, new=args.new, reps=args.reps, dtype="float32",
-                  threads=args.threads),
+                  threads=args.threads, xla_options=json.loads(args.xla_options),
+                  head_table=not args.no_head_table),
       env=dict(cpu_count=os.cpu_count(), load_start=round(load_start, 2),
                load_end=round(load_avg(), 2), jax=jax.__version__, torch=torch.__version__,
                torch_threads=torch.get_num_threads(), platform=platform.platform()))
