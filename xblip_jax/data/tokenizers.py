@@ -40,6 +40,12 @@ class LlmTokenizer:
     return cls(path.read_bytes())
 
   @property
+  def generation_bos_id(self) -> int:
+    """The LLM config's BOS, `<s>` (Vicuna: 1): what transformers 4.33 starts generation from
+    with `inputs_embeds`, not the tokenizer's `</s>` BOS."""
+    return self.sp.piece_to_id("<s>")
+
+  @property
   def vocab_size(self) -> int:
     """Size including the added `[PAD]` row (the LLM's embedding table size)."""
     return self.pad_id + 1

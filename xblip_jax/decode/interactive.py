@@ -99,7 +99,7 @@ def settings(section: Mapping[str, Any] | None, tokenizer) -> tuple[DecodeConfig
     raise config_utils.ConfigError(f"unknown generate.preset={preset!r}; choose one of {PRESETS}")
   ids = {} if tokenizer is None else dict(
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-      bos_id=tokenizer.sp.piece_to_id("<s>"))  # 4.33's generation BOS (Vicuna: 1)
+      bos_id=tokenizer.generation_bos_id)
   fields = {**{k: v for k, v in ids.items() if k not in fields}, **fields}
   if preset in ONE_BEAM_PRESETS:
     fields = {**ONE_BEAM_PRESETS[preset], **fields}

@@ -23,7 +23,7 @@ from xblip_jax.train.step import StepShardings, soft_tokens
 def for_tokenizer(cfg: DecodeConfig, tok, max_new_tokens: int = 0,
                   num_beams: int = 0) -> DecodeConfig:
   """`cfg` with the tokenizer's BOS/EOS/pad ids; optional caps on length and beams (demo)."""
-  changes = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  changes = dict(bos_id=tok.generation_bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
   if max_new_tokens:
     changes["max_new_tokens"] = min(cfg.max_new_tokens, max_new_tokens)
     changes["min_new_tokens"] = min(cfg.min_new_tokens, changes["max_new_tokens"])
