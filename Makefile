@@ -18,6 +18,10 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 
 demo: setup
 	$(PY) -m xblip_jax.main --config configs/demo.py --workdir $(WORKDIR)
+	@echo "--- ask the trained model about a held-out image (reference: demo_data/image/annotations/coco_vqa_val.json)"
+	$(PY) -m xblip_jax.main --config configs/demo.py --workdir $(WORKDIR) --mode generate \
+	  --media image=$(WORKDIR)/demo_data/image/images/val/val_0000.png \
+	  --instruction "What colour is the shape?"
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q
