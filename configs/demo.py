@@ -28,8 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       demo=True,                       # write/read the bundled synthetic data
       root="",                         # "" -> <workdir>/demo_data
       # Items per (train, val) split written for each family.
-      demo_sizes=dict(image=(96, 32), video=(48, 16), audiocaps=(64, 24), clotho=(32, 12),
-                      pc=(64, 24), discrn=(32, 16)),
+      demo_sizes=dict(image=(96, 32), video=(64, 32), audiocaps=(64, 32), clotho=(8, 4),
+                      pc=(64, 32), discrn=(32, 32)),
       modalities=("image", "video", "audio", "pc"),
       train_datasets=("image_qa", "video_qa", "audiocaps_qa", "pc_qa"),
       eval_datasets=("image_qa", "video_qa", "audiocaps_qa", "pc_qa",
@@ -62,11 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   use_cues=True),
       precision=dict(trainable="float32", llm="float32", encoders="float32"),
       llm_init="demo",                 # pretrain the tiny LLM on the demo text once, then freeze
-      demo_llm=dict(steps=400, batch_size=32, lr=3e-3),
+      demo_llm=dict(steps=200, batch_size=32, lr=3e-3),
   )
-  c.optim = dict(init_lr=2e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=300,
+  c.optim = dict(init_lr=2e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=200,
                  num_epochs=4, weight_decay=0.05)
-  c.train = dict(num_steps=1200, log_every=20, checkpoint_every=100, keep_checkpoints=2,
+  c.train = dict(num_steps=800, log_every=20, checkpoint_every=100, keep_checkpoints=2,
                  microbatches=1, tensorboard=True, peak_tflops=0.0)
   # Each set decodes and scores as its task (eval/tasks.py); max_new_tokens / num_beams > 0
   # cap and replace the task preset's (0: the preset's, e.g. beam 5 for QA).

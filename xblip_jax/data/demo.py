@@ -39,11 +39,11 @@ class DemoSizes:
   """Items per split (train, val) for each family."""
 
   image: tuple[int, int] = (96, 32)
-  video: tuple[int, int] = (48, 16)
-  audiocaps: tuple[int, int] = (64, 24)
-  clotho: tuple[int, int] = (32, 12)
-  pc: tuple[int, int] = (64, 24)
-  discrn: tuple[int, int] = (32, 16)
+  video: tuple[int, int] = (64, 32)
+  audiocaps: tuple[int, int] = (64, 32)
+  clotho: tuple[int, int] = (8, 4)
+  pc: tuple[int, int] = (64, 32)
+  discrn: tuple[int, int] = (32, 32)
 
 
 @dataclasses.dataclass(frozen=True)
