@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from xblip_jax.data.formats import discrn as discrn_format
 from xblip_jax.eval import candidate_nll
 from xblip_jax.eval import captioning, classification, discrn, ptb, scoring, tasks, vqa
 
@@ -54,7 +55,7 @@ def test_discrn_fixture():
       (("video", "audio"), 0, "left", True),
       (("video", "audio"), 0, "the video on the left", True),  # "video" comes first
   ]
-  preds = [{"prediction": p, "answers": discrn.accepted_answers(m, label)}
+  preds = [{"prediction": p, "answers": discrn_format.accepted_answers(label, m)}
            for m, label, p, _ in rows]
   got = [discrn.discrn_correct(p["prediction"], p["answers"]) for p in preds]
   assert got == [float(c) for *_, c in rows]
@@ -63,7 +64,7 @@ def test_discrn_fixture():
   assert metrics["discrn_acc"] == pytest.approx(7 / 10)
   assert [p["score"] for p in preds] == got
   with pytest.raises(ValueError):
-    discrn.accepted_answers(("image",), 0)
+    discrn_format.accepted_answers(0, ("image",))
 
 
 def test_classification_methods():

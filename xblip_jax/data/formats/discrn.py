@@ -44,6 +44,8 @@ MODALITY_SYNONYMS = {"pc": ("3d", "3d model", "model", "rendering", "a 3d", "a 3
 
 def accepted_answers(label: int, modalities: tuple[str, str]) -> tuple[str, ...]:
   """The answers the DisCRn scorer accepts for `label`: position words and the modality name."""
+  if label not in (0, 1) or len(modalities) != 2:
+    raise ValueError(f"DisCRn compares two entities; got modalities {modalities}, label {label}")
   modality = modalities[label]
   base = FIRST_ANSWERS if label == 0 else SECOND_ANSWERS
   return (modality, *base, *MODALITY_SYNONYMS.get(modality, ()))
