@@ -119,5 +119,6 @@ def get_config(size: str, modality: str, target: str | None = None) -> ml_collec
                  grad_clip_norm=0.0, grad_accum_steps=1)
   c.train = dict(num_steps=iters, log_every=50, checkpoint_every=1000, keep_checkpoints=3,
                  microbatches=1, tensorboard=True, peak_tflops=0.0)
-  c.eval = dict(max_new_tokens=30, num_examples=0)
+  # 0: each task's own preset length (eval/tasks.py; e.g. 79 for objaverse_qa), as the reference.
+  c.eval = dict(max_new_tokens=0, num_examples=0)
   return c

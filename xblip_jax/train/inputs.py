@@ -64,7 +64,7 @@ def _template_texts() -> list[str]:
 class Inputs:
   """Training and evaluation inputs of one run."""
 
-  def __init__(self, config, workdir: Path):
+  def __init__(self, config, workdir: Path, train: bool = True):
     data = config.data
     self.workdir = workdir
     self.modalities = tuple(data.modalities)
@@ -79,21 +79,38 @@ class Inputs:
     self.eval_names = tuple(data.eval_datasets)
     self.eval_limit = int(config.eval.num_examples)
     self.read_skipped: dict[str, dict[str, int]] = {}
-    specs, tok_path = self._demo_data(config) if self.demo else self._real_data(config)
+    self.train = train
+    tok_path = self._demo_data(config) if self.demo else self._real_data(config)
+    self.eval_tasks = self._eval_tasks()
     self.llm_tokenizer = LlmTokenizer.from_file(tok_path)
     self.qformer_tokenizer = QFormerTokenizer.bert_base_uncased(self.text_cfg.qformer_max_len)
     self.text = text_lib.TextEncoder(self.llm_tokenizer, self.qformer_tokenizer, self.text_cfg)
     self.prompt_ids = prompt_ids(self.llm_tokenizer, self.text_cfg, self.modalities)
-    self.pipeline = pipeline.build_pipeline(
-        specs, self._encode_train,
-        pipeline.PipelineConfig(batch_size=host_batch_size(int(data.batch_size)), seed=self.seed,
-                                num_threads=int(data.num_threads),
-                                max_bad_fraction=float(data.max_bad_fraction)))
-    self.iterator: Iterator = iter(self.pipeline)
+    self.iterator: Iterator | None = None
+    if train:  # --mode eval / generate (train=False) never read the training annotations
+      specs = self._demo_specs(config) if self.demo else self._real_specs(config)
+      self.pipeline = pipeline.build_pipeline(
+          specs, self._encode_train,
+          pipeline.PipelineConfig(batch_size=host_batch_size(int(data.batch_size)),
+                                  seed=self.seed, num_threads=int(data.num_threads),
+                                  max_bad_fraction=float(data.max_bad_fraction)))
+      self.iterator = iter(self.pipeline)
     self._eval_sets: list[EvalSet] | None = None
 
+  def _eval_tasks(self) -> dict[str, str | None]:
+    """Each evaluation set's task key, checked now rather than after training."""
+    out = {}
+    for name in self.eval_names:
+      task = None if self.demo else self._eval_sources[name].entry.eval_task
+      try:
+        tasks_lib.for_eval_set(name, task)
+      except KeyError as e:
+        raise config_utils.ConfigError(f"data.eval_datasets: {e.args[0]}") from None
+      out[name] = task
+    return out
+
   # --- data sources -----------------------------------------------------------------------
-  def _demo_data(self, config) -> tuple[list[pipeline.DatasetSpec], Path]:
+  def _demo_data(self, config) -> Path:
     """The bundled demo: written under `data.root` (default `<workdir>/demo_data`) once."""
     data = config.data
     root = Path(data.root) if data.root else self.workdir / "demo_data"
@@ -113,11 +130,13 @@ class Inputs:
       if name not in self.manifest:
         raise config_utils.ConfigError(f"data: unknown dataset {name!r}; the demo has "
                                        f"{sorted(self.manifest)}")
-    specs = demo.demo_specs(self.manifest, "train", names=list(data.train_datasets),
-                            media=self.media)
-    return specs, tok_path
+    return tok_path
 
-  def _real_data(self, config) -> tuple[list[pipeline.DatasetSpec], Path]:
+  def _demo_specs(self, config) -> list[pipeline.DatasetSpec]:
+    return demo.demo_specs(self.manifest, "train", names=list(config.data.train_datasets),
+                           media=self.media)
+
+  def _real_data(self, config) -> Path:
     """Datasets on disk, named as the reference's yamls (`data/registry.py`)."""
     data = config.data
     if not data.root:
@@ -128,9 +147,15 @@ class Inputs:
     self.manifest = {}
     tok_path = _llm_tokenizer_path(data.get("llm_tokenizer", ""))
     paths = dict(data.get("paths", None) or {})
-    ratios = _train_ratios(data.get("train_ratios", None), self.train_names)
     self._eval_sources = {name: self._resolve(name, paths, "data.eval_datasets")
                           for name in self.eval_names}
+    return tok_path
+
+  def _real_specs(self, config) -> list[pipeline.DatasetSpec]:
+    """The training datasets, read from disk (only when training)."""
+    data = config.data
+    paths = dict(data.get("paths", None) or {})
+    ratios = _train_ratios(data.get("train_ratios", None), self.train_names)
     specs = []
     for name, weight in zip(self.train_names, ratios, strict=True):
       found = self._resolve(name, paths, "data.train_datasets")
@@ -145,7 +170,7 @@ class Inputs:
           media=dataclasses.replace(self.media, **dict(entry.options)), **dict(entry.spec)))
       logging.info("dataset %s: %d examples from %s", name, len(examples),
                    found.shards or found.annotations)
-    return specs, tok_path
+    return specs
 
   def _resolve(self, name: str, paths: dict, where: str) -> registry.Resolved:
     override = paths.get(name)
@@ -170,19 +195,25 @@ class Inputs:
   def _encode_train(self, ex: Example) -> dict[str, np.ndarray]:
     return self.text(ex.text_input, ex.text_output)
 
+  def _train_iterator(self) -> Iterator:
+    if self.iterator is None:
+      raise RuntimeError("inputs built with train=False have no training pipeline")
+    return self.iterator
+
   def next_train(self) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
-    batch = next(self.iterator)
+    batch = next(self._train_iterator())
     order = tuple(m for m in MEDIA_KEYS if m in batch)
     return order, batch
 
   def get_state(self) -> Any:
-    return self.iterator.get_state()
+    return self._train_iterator().get_state()
 
   def set_state(self, state: Any) -> None:
-    self.iterator.set_state(state)
+    self._train_iterator().set_state(state)
 
   def stats(self) -> dict[str, Any]:
-    out = {"bad_records": pipeline.bad_record_counts(self.iterator.get_state()),
+    bad = {} if self.iterator is None else pipeline.bad_record_counts(self.iterator.get_state())
+    out = {"bad_records": bad,
            "eval_skipped": getattr(self, "eval_skipped", {})}
     if self.read_skipped:  # records the readers left out (missing fields or media files)
       out["read_skipped"] = self.read_skipped
@@ -196,7 +227,7 @@ class Inputs:
 
   def _eval_set(self, name: str) -> EvalSet:
     examples, media_opts = self._eval_examples(name)
-    task = None if self.demo else self._eval_sources[name].entry.eval_task
+    task = self.eval_tasks[name]
     task_def = tasks_lib.TASKS[task] if task else None
     rows, skipped = [], {}
     for i, ex in enumerate(examples):
@@ -260,8 +291,8 @@ class Inputs:
     (out / f"{name}.json").write_text(json.dumps(preds, indent=1))
 
 
-def build_inputs(config, workdir: Path) -> Inputs:
-  return Inputs(config, workdir)
+def build_inputs(config, workdir: Path, train: bool = True) -> Inputs:
+  return Inputs(config, workdir, train=train)
 
 
 def pretrained_weights(config, inputs: Inputs) -> dict[tuple[str, ...], Path]:

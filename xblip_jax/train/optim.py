@@ -12,7 +12,9 @@ modalities absent from the batch keep their parameters and optimizer moments bit
 as if the step had not happened for them. A plain AdamW step would move them anyway (momentum
 from earlier batches, weight decay on zero gradients), which undoes their training between
 the batches of their own modality. The reference trains one modality per run, where this never
-arises (docs/quirks.md Q37).
+arises (docs/quirks.md Q37). `optim.grad_accum_steps > 1` (optax `MultiSteps`) cannot be masked
+this way (its accumulator would mix modalities across steps), so such a batch is a config
+error; `train.microbatches` accumulates inside one step and is fine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+
+from xblip_jax.config_utils import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +105,17 @@ def masked_update(tx: optax.GradientTransformation, grads, opt_state, params,
   accumulators). Step counters (schedule, bias correction) stay global. `order` is static, so
   the choice is made at trace time: no arithmetic touches the kept leaves.
   """
-  updates, new_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
   mask = active_mask(params, order)
   if all(jax.tree.leaves(mask)):
-    return new_params, new_state
+    updates, new_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_state
+  if isinstance(opt_state, optax.MultiStepsState):
+    raise ConfigError(
+        f"optim.grad_accum_steps > 1 with a batch of modalities {tuple(order)} that lacks "
+        "other trained bridges: the accumulated gradients of the absent ones would go stale. "
+        "Set optim.grad_accum_steps=1 and use train.microbatches to accumulate inside a step")
+  updates, new_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
   pick = lambda new, old, keep_new: new if keep_new else old
   params_def = jax.tree.structure(params)
   like_params = lambda x: jax.tree.structure(x) == params_def

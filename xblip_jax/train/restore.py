@@ -2,9 +2,11 @@
 
 `--mode eval` and `--mode generate` both need the same things the trainer builds (mesh,
 tokenizers and inputs, the sharded model with its pretrained frozen towers) plus the trained
-bridge parameters, but no optimizer: only `state/params` of a checkpoint is read. Source order:
-the workdir's latest complete step, then `config.init_from` (a step folder or an Orbax
-parameter tree). With neither, evaluating would score a random bridge, so it is an error.
+bridge parameters, but no optimizer: only `state/params` of a checkpoint is read. Source order
+as `checkpoint.restore_run`: the workdir's latest complete step, then `config.resume`, then
+`config.init_from` (a step folder or an Orbax parameter tree). With none, or with an
+`init_from` that matches no trainable parameter, evaluating would score a random bridge, so it
+is an error. The training pipeline is not built (`Inputs(train=False)`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Loaded:
     model: the `ShardedModel` (its `params` are the initial ones; use `params` below).
     graphdef, params, rest: `nnx.merge(graphdef, params, rest)` is the trained model.
     mesh: the device mesh the parameters live on.
-    source: "workdir" or "init_from"; path: what was read; step: its step (None for a tree).
+    source: "workdir", "resume" or "init_from"; path: what was read; step: its step (None for a tree).
   """
 
   inputs: Any
@@ -49,38 +51,60 @@ class Loaded:
     return nnx.merge(self.graphdef, self.params, self.rest)
 
 
-def latest_step_dir(workdir: Path) -> Path | None:
-  """`<workdir>/checkpoints/<step>` of the latest complete step, or None."""
-  directory = Path(workdir) / "checkpoints"
+def _latest_in(directory: Path) -> int | None:
+  """Latest complete step under a checkpoints directory, or None."""
   if not directory.is_dir():
     return None
   ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
   try:
-    step = ckpt.latest_step()
+    return ckpt.latest_step()
   finally:
     ckpt.close()
+
+
+def latest_step_dir(workdir: Path) -> Path | None:
+  """`<workdir>/checkpoints/<step>` of the latest complete step, or None."""
+  directory = Path(workdir) / "checkpoints"
+  step = _latest_in(directory)
   return None if step is None else directory.absolute() / str(step)
+
+
+def source_of(config, workdir: Path) -> tuple[str, str, int | None]:
+  """(source, path, step) of the trained parameters, in `checkpoint.restore_run`'s order:
+  the workdir's latest step, then `config.resume`, then `config.init_from`."""
+  step_dir = latest_step_dir(workdir)
+  if step_dir is not None:
+    return "workdir", str(step_dir), int(step_dir.name)
+  resume = config.get("resume", "")
+  if resume:
+    directory, step = ckpt_lib._step_dir(Path(resume))  # pylint: disable=protected-access
+    step = step if step is not None else _latest_in(directory)
+    if step is None:
+      raise FileNotFoundError(f"config.resume={resume!r} holds no complete checkpoint")
+    return "resume", str(directory.absolute() / str(step)), step
+  if config.get("init_from", ""):
+    path = str(config.init_from)
+    return "init_from", path, int(Path(path).name) if Path(path).name.isdigit() else None
+  raise FileNotFoundError(f"no trained parameters: {workdir / 'checkpoints'} holds no "
+                          "checkpoint and config.resume / config.init_from are empty")
 
 
 def load_for_inference(config, workdir: str | Path) -> Loaded:
   """Inputs, mesh and the trained model of `config` (see the module docstring for the source)."""
   workdir = Path(workdir)
-  step_dir = latest_step_dir(workdir)
-  if step_dir is not None:
-    source, path, step = "workdir", str(step_dir), int(step_dir.name)
-  elif config.get("init_from", ""):
-    source, path = "init_from", str(config.init_from)
-    step = int(Path(path).name) if Path(path).name.isdigit() else None
-  else:
-    raise FileNotFoundError(f"no trained parameters: {workdir / 'checkpoints'} holds no "
-                            "checkpoint and config.init_from is empty")
+  source, path, step = source_of(config, workdir)
   mesh = sharding.make_mesh(dict(config.get("mesh", None) or {"fsdp": -1}))
-  inputs = inputs_lib.build_inputs(config, workdir)
+  inputs = inputs_lib.build_inputs(config, workdir, train=False)
   vocab = inputs.llm_tokenizer.vocab_size
   model = model_init.create_sharded(config, inputs.modalities, vocab, mesh,
                                     weights=inputs_lib.pretrained_weights(config, inputs))
   loaded, missing, unexpected = ckpt_lib.init_params(path, model.params, model.param_shardings)
-  if source == "workdir" and missing:
+  expected = [k for k, _ in nnx.to_flat_state(model.params)]
+  if len(missing) == len(expected):  # nothing matched: scoring would see a random bridge
+    raise ValueError(f"{source} {path}: matches none of the trainable parameters, e.g. "
+                     f"{['/'.join(map(str, k)) for k in expected[:5]]} (its keys: "
+                     f"{unexpected[:5]})")
+  if source != "init_from" and missing:
     raise ValueError(f"{path} lacks trained parameters {missing[:5]} (of {len(missing)}): "
                      "written by another model config?")
   if missing or unexpected:
