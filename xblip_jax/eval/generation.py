@@ -1,7 +1,7 @@
 """Answers for evaluation batches with a task's decoding settings (beam search, penalties).
 
-The same multimodal prompt the trainer's greedy `make_generate` assembles (soft tokens, cues,
-the left-padded instruction), decoded by `decode.api.generate` with the task's `DecodeConfig`,
+The multimodal prompt of training (`assembly.assemble`, single layout: soft tokens, cues, the
+left-padded instruction), decoded by `decode.api.generate` with the task's `DecodeConfig`,
 whose token ids are set to the run's tokenizer. One compiled program per (modality order,
 decoding settings).
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import jax
 from flax import nnx
 
 from xblip_jax.decode.api import DecodeConfig
 from xblip_jax.decode.api import generate as decode_generate
 from xblip_jax.models import assembly
-from xblip_jax.train.step import StepShardings, soft_tokens
+from xblip_jax.train.step import StepShardings, _eval_jit, soft_tokens
 
 
 def for_tokenizer(cfg: DecodeConfig, tok, max_new_tokens: int = 0,
@@ -38,16 +37,11 @@ def make_task_generate(graphdef, prompt: assembly.PromptIds,
 
   def generate(params, rest, batch, order, cfg):
     model = nnx.merge(graphdef, params, rest)
-    with nnx.graph.set_graph_mode(False):  # as in `train.step.lm_loss`
-      soft = soft_tokens(model, batch, order, deterministic=True)
-      embeds, mask, _ = assembly.assemble(model.llm.embed, soft, batch["prompt_ids"],
-                                          batch["prompt_mask"], None, prompt, order,
-                                          layout="single", use_cues=model.cfg.use_cues)
-      ids, _ = decode_generate(model.llm, embeds, mask, cfg)
-      return ids
+    soft = soft_tokens(model, batch, order, deterministic=True)
+    embeds, mask, _ = assembly.assemble(model.llm.embed, soft, batch["prompt_ids"],
+                                        batch["prompt_mask"], None, prompt, order,
+                                        layout="single", use_cues=model.cfg.use_cues)
+    ids, _ = decode_generate(model.llm, embeds, mask, cfg)
+    return ids
 
-  if shardings is None:
-    return jax.jit(generate, static_argnums=(3, 4))
-  s = shardings
-  return jax.jit(generate, static_argnums=(3, 4), in_shardings=(s.params, s.rest, None),
-                 out_shardings=s.replicated)
+  return _eval_jit(generate, shardings, static_argnums=(3, 4))

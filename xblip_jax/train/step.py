@@ -1,5 +1,5 @@
 """Jitted step functions: the training step (gradients for trainable state only) and the
-evaluation functions (loss, greedy answers).
+evaluation loss (and `_eval_jit`, which jits every evaluation function).
 
 The model is split once into `graphdef`, trainable `params` and frozen `rest` (LLM, encoders);
 steps merge them inside `jax.jit`, so the optimizer never sees a frozen parameter. Every step
@@ -29,7 +29,6 @@ import optax
 from flax import nnx
 
 from xblip_jax import sharding
-from xblip_jax.decode.greedy import greedy_decode
 from xblip_jax.models import assembly
 from xblip_jax.models.encoders import registry
 from xblip_jax.models.xblip import XInstructBlip
@@ -163,13 +162,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, prompt: assembly
                  out_shardings=(s.params, s.opt_state, s.replicated))
 
 
-def _eval_jit(fn, shardings: StepShardings | None):
-  """Evaluation batches keep the sharding they were placed with (`None`): their row count need
-  not divide the batch shards. Outputs are replicated, so every host can read them."""
+def _eval_jit(fn, shardings: StepShardings | None, static_argnums: tuple[int, ...] = (3,)):
+  """`fn(params, rest, batch, *static)` jitted. Evaluation batches keep the sharding they were
+  placed with (`None`): their row count need not divide the batch shards. Outputs are
+  replicated, so every host can read them."""
   if shardings is None:
-    return jax.jit(fn, static_argnums=(3,))
+    return jax.jit(fn, static_argnums=static_argnums)
   s = shardings
-  return jax.jit(fn, static_argnums=(3,), in_shardings=(s.params, s.rest, None),
+  return jax.jit(fn, static_argnums=static_argnums, in_shardings=(s.params, s.rest, None),
                  out_shardings=s.replicated)
 
 
@@ -183,22 +183,6 @@ def make_eval_loss(graphdef, prompt: assembly.PromptIds,
     return loss * count, count
 
   return _eval_jit(eval_loss, shardings)
-
-
-def make_generate(graphdef, prompt: assembly.PromptIds, *, max_new_tokens: int, eos_id: int,
-                  pad_id: int, shardings: StepShardings | None = None) -> Callable:
-  """Greedy answers for left-padded prompts (`prompt_ids`/`prompt_mask` in the batch)."""
-
-  def generate(params, rest, batch, order):
-    model = nnx.merge(graphdef, params, rest)
-    soft = soft_tokens(model, batch, order, deterministic=True)
-    embeds, mask, _ = assembly.assemble(model.llm.embed, soft, batch["prompt_ids"],
-                                        batch["prompt_mask"], None, prompt, order,
-                                        layout="single", use_cues=model.cfg.use_cues)
-    return greedy_decode(model.llm, embeds, mask, max_new_tokens=max_new_tokens,
-                         eos_id=eos_id, pad_id=pad_id)
-
-  return _eval_jit(generate, shardings)
 
 
 class NonFiniteLossError(FloatingPointError):
