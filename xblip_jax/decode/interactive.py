@@ -233,8 +233,7 @@ class Prepared:
 
 def _soft_tokens(graphdef, params, rest, batch, order):
   model = nnx.merge(graphdef, params, rest)
-  with nnx.graph.set_graph_mode(False):  # as `step.lm_loss`
-    return step_lib.soft_tokens(model, batch, order, deterministic=True)
+  return step_lib.soft_tokens(model, batch, order, deterministic=True)
 
 
 _soft_jit = jax.jit(_soft_tokens, static_argnums=(0, 4))

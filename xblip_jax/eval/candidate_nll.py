@@ -38,13 +38,12 @@ def make_sequence_nll(graphdef, prompt: assembly.PromptIds) -> Callable:
 
   def nll(params, rest, batch, order):
     model = nnx.merge(graphdef, params, rest)
-    with nnx.graph.set_graph_mode(False):  # as in `train.step.lm_loss`
-      soft = soft_tokens(model, batch, order, deterministic=True)
-      embeds, mask, labels = assembly.assemble(
-          model.llm.embed, soft, batch["llm_text_ids"], batch["llm_text_mask"],
-          batch["llm_text_labels"], prompt, order, layout=model.cfg.layout,
-          use_cues=model.cfg.use_cues)
-      return row_nll(model.llm(embeds, attention_mask=mask).logits, labels)
+    soft = soft_tokens(model, batch, order, deterministic=True)
+    embeds, mask, labels = assembly.assemble(
+        model.llm.embed, soft, batch["llm_text_ids"], batch["llm_text_mask"],
+        batch["llm_text_labels"], prompt, order, layout=model.cfg.layout,
+        use_cues=model.cfg.use_cues)
+    return row_nll(model.llm(embeds, attention_mask=mask).logits, labels)
 
   return jax.jit(nll, static_argnums=(3,))
 
