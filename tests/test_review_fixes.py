@@ -5,9 +5,11 @@ nothing is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -15,10 +17,14 @@ import pytest
 
 from conftest import REPO
 from test_real_data_train import _config, data_root  # noqa: F401  pylint: disable=unused-import
+from xblip_jax import sharding
 from xblip_jax.config_utils import ConfigError
+from xblip_jax.data import text as text_lib
 from xblip_jax.eval import generation, tasks
 from xblip_jax.train import inputs as inputs_lib
 from xblip_jax.train import optim, restore
+from xblip_jax.train import trainer as trainer_lib
+from xblip_jax.train.trainer import evaluate
 
 sys.path.insert(0, str(REPO / "configs"))
 import common as common_config  # noqa: E402  pylint: disable=wrong-import-position
@@ -107,3 +113,35 @@ def test_init_from_matching_nothing_is_refused(data_root, tmp_path):  # noqa: F8
   c.init_from = str(unrelated)
   with pytest.raises(ValueError, match=r"matches none of the trainable parameters.*qformer"):
     restore.load_for_inference(c, tmp_path / "run")
+
+
+def test_task_prefix_and_qformer_prompt_reach_real_data_eval(data_root, tmp_path,  # noqa: F811
+                                                             monkeypatch):
+  prefix, qtext = "You are given one input. ", "a fixed q-former text"
+  monkeypatch.setitem(tasks.TASKS, "coco_caption", dataclasses.replace(
+      tasks.TASKS["coco_caption"], prefix=prefix, qformer_prompt=qtext))
+  inputs = inputs_lib.build_inputs(_config(data_root), tmp_path, train=False)
+  (eval_set,) = inputs.eval_sets()
+  _, batch, refs = eval_set.batches[0]
+  want = text_lib.qformer_text(inputs.qformer_tokenizer, qtext, inputs.text_cfg.qformer_max_len)
+  np.testing.assert_array_equal(batch["qformer_ids"][0], want["qformer_ids"])
+  # The LLM prompt stays the task's prompt; the prefix goes into the prompt ids, before cues.
+  assert refs[0]["instruction"] == tasks.TASKS["coco_caption"].prompt
+  ids = inputs.eval_prompt_ids(eval_set)
+  assert ids.prefix == tuple(inputs.llm_tokenizer.encode(prefix, add_bos=True))
+  assert ids.cues == inputs.prompt_ids.cues and not inputs.prompt_ids.prefix
+  built = []
+
+  def generate_for(prompt):
+    built.append(prompt)
+    return lambda params, rest, batch, order, cfg: np.full(
+        (batch["prompt_ids"].shape[0], 2), inputs.llm_tokenizer.eos_id)
+
+  mesh = sharding.make_mesh({"fsdp": -1})
+  with pytest.raises(ValueError, match="prefix"):
+    evaluate(inputs, mesh, None, None, None, generate_for(inputs.prompt_ids))
+  built.clear()
+  monkeypatch.setattr(trainer_lib.scoring, "score_set", lambda task, preds: {})  # not tested here
+  evaluate(inputs, mesh, None, None, None, None, generate_for=generate_for,
+           workdir=tmp_path / "ev")
+  assert built == [ids]

@@ -29,9 +29,11 @@ def run_eval(config, workdir: str | Path) -> dict[str, Any]:
   shardings = step_lib.StepShardings(model.param_shardings, None, model.rest_shardings, mesh)
   prompt = inputs.prompt_ids
   eval_loss = step_lib.make_eval_loss(loaded.graphdef, prompt, shardings)
-  generate = generation.make_task_generate(loaded.graphdef, prompt, shardings)
+  generate_for = lambda p: generation.make_task_generate(loaded.graphdef, p, shardings)
+  generate = generate_for(prompt)
   with jax.set_mesh(mesh):
     results = evaluate(inputs, mesh, loaded.params, loaded.rest, eval_loss, generate,
+                       generate_for=generate_for,
                        max_new_tokens=int(config.eval.max_new_tokens),
                        num_beams=int(config.eval.get("num_beams", 0)), workdir=workdir)
   if jax.process_index() == 0:

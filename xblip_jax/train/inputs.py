@@ -37,6 +37,7 @@ class EvalSet:
   name: str
   batches: list[tuple[tuple[str, ...], dict[str, np.ndarray], list[dict]]]
   task: str | None = None  # `eval/tasks.py` key that scores it; None: by the set name
+  prefix: str = ""  # the task's LLM text before the first cue (DisCRn); "": the run's prefix
 
 
 def prompt_ids(tok: LlmTokenizer, text_cfg: text_lib.TextConfig, modalities) -> PromptIds:
@@ -246,6 +247,9 @@ class Inputs:
         continue
       arrays.update(self.text(ex.text_input, ex.text_output))
       arrays.update(self.text.prompt(ex.text_input, self.prompt_len))
+      if task_def is not None and task_def.qformer_prompt is not None:  # DisCRn: fixed text
+        arrays.update(text_lib.qformer_text(self.qformer_tokenizer, task_def.qformer_prompt,
+                                            self.text_cfg.qformer_max_len))
       rows.append((ex.modalities, arrays, {"id": ex.id, "task": ex.task,
                                            "instruction": ex.text_input, "answers": refs}))
     if skipped:
@@ -261,7 +265,14 @@ class Inputs:
       arrays = [r[1] for r in chunk] + [filler] * (self.eval_batch_size - len(chunk))
       batch = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
       batches.append((tuple(chunk[0][0]), batch, refs))
-    return EvalSet(name, batches, task=task)
+    return EvalSet(name, batches, task=task, prefix=task_def.prefix if task_def else "")
+
+  def eval_prompt_ids(self, eval_set: EvalSet) -> PromptIds:
+    """The run's prompt ids, with the set's task prefix (with BOS) in place of the run's."""
+    if not eval_set.prefix:
+      return self.prompt_ids
+    return dataclasses.replace(self.prompt_ids, prefix=tuple(
+        self.llm_tokenizer.encode(eval_set.prefix, add_bos=True)))
 
   def _eval_examples(self, name: str) -> tuple[Sequence[Example], pipeline.MediaOptions]:
     if self.demo:

@@ -11,7 +11,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,8 @@ def to_replicated_rows(batch: dict, mesh) -> dict:
 
 
 def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens: int = 0,
-             num_beams: int = 0, workdir: Path | None = None) -> dict[str, Any]:
+             num_beams: int = 0, workdir: Path | None = None,
+             generate_for: Callable | None = None) -> dict[str, Any]:
   """Every evaluation set scored by its task (`eval/tasks.py`): held-out loss, the task's
   metric, and the loose answer accuracy; writes `<workdir>/eval/<set>.json` (every prediction,
   its references and score), `<workdir>/eval/results.md`, and `predictions/<set>.json`.
@@ -57,21 +58,33 @@ def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens:
   `generate(params, rest, batch, order, decode_cfg)` is `eval.generation.make_task_generate`;
   each set decodes with its task's settings, `max_new_tokens` / `num_beams` (when > 0) capping
   and replacing the preset's (the demo's short answers). `eval_loss` may be None.
+  `generate_for(prompt_ids)` builds such a `generate` for a set whose task has its own prefix
+  (DisCRn, spec 4.7); without it such a set is an error rather than scored without the prefix.
   """
   workdir = Path(workdir or inputs.workdir)
   results: dict[str, Any] = {}
   set_tasks: dict[str, Any] = {}
+  by_prompt: dict[Any, Callable] = {}  # one compiled program per task prefix
   for eval_set in inputs.eval_sets():
     task = tasks_lib.for_eval_set(eval_set.name, getattr(eval_set, "task", None))
     cfg = generation.for_tokenizer(task.decode, inputs.llm_tokenizer, max_new_tokens,
                                    num_beams)
+    set_generate = generate
+    if getattr(eval_set, "prefix", ""):
+      if generate_for is None:
+        raise ValueError(f"evaluation set {eval_set.name!r}: its task's prefix needs "
+                         "evaluate(generate_for=...)")
+      key = inputs.eval_prompt_ids(eval_set)
+      if key not in by_prompt:
+        by_prompt[key] = generate_for(key)
+      set_generate = by_prompt[key]
     total, count, preds = 0.0, 0, []
     for order, batch, refs in eval_set.batches:
       dev = to_replicated_rows(batch, mesh)
       if eval_loss is not None:
         s, n = eval_loss(params, rest, dev, order)
         total, count = total + float(s), count + int(n)
-      ids = np.asarray(generate(params, rest, dev, order, cfg))
+      ids = np.asarray(set_generate(params, rest, dev, order, cfg))
       for row, ref in zip(ids, refs):
         preds.append({"prediction": scoring.postprocess(task, inputs.decode(row)), **ref})
     metrics = scoring.score_set(task, preds)
@@ -176,7 +189,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   train_step = step_lib.make_train_step(graphdef, tx, prompt, shardings=shardings,
                                         microbatches=microbatches)
   eval_loss = step_lib.make_eval_loss(graphdef, prompt, shardings)
-  generate = generation.make_task_generate(graphdef, prompt, shardings)
+  generate_for = lambda p: generation.make_task_generate(graphdef, p, shardings)
+  generate = generate_for(prompt)
   bridge, enc_cfgs = build.xblip_config(config.model, inputs.modalities, vocab)
   sizes = metrics_lib.param_sizes(params, rest)
 
@@ -251,7 +265,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   if not preempted:
     with jax.set_mesh(mesh):
       summary["eval"] = evaluate(inputs, mesh, params, rest, eval_loss, generate,
-                                 max_new_tokens=int(config.eval.max_new_tokens),
+                                 generate_for=generate_for, max_new_tokens=int(config.eval.max_new_tokens),
                                  num_beams=int(config.eval.get("num_beams", 0)))
     for name, res in summary["eval"].items():
       logging.info("eval %s: %s", name, res)
