@@ -78,6 +78,17 @@ def process(scores: Float[Array, "R V"], history: Int[Array, "R N"], step: Int[A
   return lp.suppress_eos(scores, cfg.eos_id, step < knobs.min_new_tokens)
 
 
+def choose_next(scores: Float[Array, "R V"], step: Int[Array, ""], keys, cfg: "DecodeConfig",
+                knobs: "Knobs") -> tuple[Int[Array, "R"], Float[Array, "R V"]]:
+  """Each row's next token from processed scores (argmax, or one nucleus draw from the row's
+  key stream at `step`), and the scores it was drawn from (warped when sampling)."""
+  if not cfg.do_sample:
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32), scores
+  scores = lp.warp(scores, temp=knobs.temperature, top_k=cfg.top_k, top_p=knobs.top_p)
+  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+  return jax.vmap(jax.random.categorical)(step_keys, scores).astype(jnp.int32), scores
+
+
 def row_keys(key: jax.Array | None, rows: int) -> jax.Array:
   """One PRNG key per row: `key` split `rows` ways, or `key` itself if it already is `rows` keys."""
   if key is None:
@@ -112,14 +123,8 @@ def decode(llm, inputs_embeds: Float[Array, "B T D"], attention_mask: Int[Array,
 
   def body(carry):
     step, tokens, done, score, logits, cache = carry
-    scores = process(logits, tokens, step, cfg, knobs)
-    if cfg.do_sample:
-      scores = lp.warp(scores, temp=knobs.temperature, top_k=cfg.top_k, top_p=knobs.top_p)
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-      tok = jax.vmap(jax.random.categorical)(step_keys, scores)
-    else:
-      tok = jnp.argmax(scores, axis=-1)
-    tok = jnp.where(done, cfg.pad_id, tok.astype(jnp.int32))
+    tok, scores = choose_next(process(logits, tokens, step, cfg, knobs), step, keys, cfg, knobs)
+    tok = jnp.where(done, cfg.pad_id, tok)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), tok[:, None], axis=-1)[:, 0]
     score = score + jnp.where(done, 0.0, logp)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)

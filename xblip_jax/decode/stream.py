@@ -23,19 +23,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from xblip_jax.decode import logits as lp
 from xblip_jax.decode import sampling
-from xblip_jax.decode.api import DecodeConfig, Knobs
-
-
-def _choose(scores: Float[Array, "R V"], step: Int[Array, ""], keys, cfg: DecodeConfig,
-            knobs: Knobs) -> Int[Array, "R"]:
-  """The next token of every row from processed scores (argmax, or one nucleus draw)."""
-  if not cfg.do_sample:
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-  scores = lp.warp(scores, temp=knobs.temperature, top_k=cfg.top_k, top_p=knobs.top_p)
-  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-  return jax.vmap(jax.random.categorical)(step_keys, scores).astype(jnp.int32)
+from xblip_jax.decode.api import DecodeConfig
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,7 +45,7 @@ def _programs(graphdef, static: DecodeConfig, compiler_options: tuple
     llm = nnx.merge(graphdef, state)
     i, history, done, logits, cache = carry
     scores = sampling.process(logits, history, i, static, knobs)
-    tok = jnp.where(done, static.pad_id, _choose(scores, i, keys, static, knobs))
+    tok = jnp.where(done, static.pad_id, sampling.choose_next(scores, i, keys, static, knobs)[0])
     history = jax.lax.dynamic_update_slice_in_dim(history, tok[:, None], i, axis=1)
     done = done | (tok == eos)
     logits, cache = sampling.feed(llm, jnp.maximum(tok, 0), cache, table)
