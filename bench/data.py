@@ -180,8 +180,6 @@ def experiment_demand(name: str, mfu: float) -> dict[str, Any]:
   from flax import nnx
 
   from configs import common
-  from xblip_jax import config_utils
-  from xblip_jax.models import build
   from xblip_jax.train import metrics, model_init, planner
 
   size, modality = name.split(":")
@@ -194,12 +192,7 @@ def experiment_demand(name: str, mfu: float) -> dict[str, Any]:
   global_batch = int(cfg.data.batch_size)
   abstract = nnx.eval_shape(model_init.builder(cfg, (modality,), None))
   _, params, rest = nnx.split(abstract, model_init.trainable, ...)
-  bridge, enc_cfgs = build.xblip_config(cfg.model, (modality,))
-  media = config_utils.build(P.MediaOptions, dict(cfg.data.media), "data.media")
-  flops = metrics.example_flops(
-      metrics.param_sizes(params, rest), bridge, enc_cfgs, (modality,), media=media,
-      llm_text_len=int(cfg.text.llm_text_len), qformer_len=int(cfg.text.qformer_max_len),
-      prompt=planner._prompt(modality)).total  # pylint: disable=protected-access
+  flops = planner.example_flops(cfg, modality, params, rest).total
   out: dict[str, Any] = {"experiment": name, "modality": modality,
                          "global_batch": global_batch, "flops_per_example": flops,
                          "accelerators": {}}

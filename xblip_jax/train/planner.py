@@ -70,6 +70,16 @@ def _prompt(modality: str) -> PromptIds:
   return PromptIds(cues=((modality, (2, 10, 11)),), clean_tokenization=True)
 
 
+def example_flops(config, modality: str, params, rest) -> metrics_lib.FlopCount:
+  """Analytic training FLOPs of one `modality` example of `config` (`_prompt`'s cue lengths)."""
+  bridge, enc_cfgs = build.xblip_config(config.model, (modality,))
+  media = config_utils.build(pipeline.MediaOptions, dict(config.data.media), "data.media")
+  return metrics_lib.example_flops(
+      metrics_lib.param_sizes(params, rest), bridge, enc_cfgs, (modality,), media=media,
+      llm_text_len=int(config.text.llm_text_len), qformer_len=int(config.text.qformer_max_len),
+      prompt=_prompt(modality))
+
+
 def plan(config) -> dict[str, Any]:
   """Per-device memory of one training step of `config.plan.modality` on `config.mesh`."""
   modality = config.plan.get("modality") or config.data.modalities[0]
@@ -108,12 +118,7 @@ def plan(config) -> dict[str, Any]:
       mem = _NO_COMPILE
   t2 = time.perf_counter()
   est = _estimate(config, graphdef, prompt, params, rest, batch, modality, mesh, microbatches)
-  bridge, enc_cfgs = build.xblip_config(config.model, (modality,))
-  media = config_utils.build(pipeline.MediaOptions, dict(config.data.media), "data.media")
-  flops = metrics_lib.example_flops(
-      metrics_lib.param_sizes(params, rest), bridge, enc_cfgs, (modality,), media=media,
-      llm_text_len=int(config.text.llm_text_len), qformer_len=int(config.text.qformer_max_len),
-      prompt=prompt)
+  flops = example_flops(config, modality, params, rest)
   out = {
       "modality": modality, "devices": devices, "mesh": dict(mesh.shape),
       "global_batch": batch_size, "microbatches": microbatches,
@@ -170,12 +175,7 @@ def _estimate(config, graphdef, prompt, params, rest, batch, modality, mesh, mic
   itemsize = jnp.dtype(build.precision(config.model.precision.llm, "llm").param_dtype).itemsize
   biggest = max(layer("llm/layers/0/"), layer(f"encoders/{modality}/blocks/0/"))
   rows = int(batch["llm_text_ids"].shape[0]) // microbatches // shards
-  seq = metrics_lib.example_flops(
-      metrics_lib.param_sizes(params, rest), *build.xblip_config(config.model, (modality,)),
-      (modality,), media=config_utils.build(pipeline.MediaOptions, dict(config.data.media),
-                                            "data.media"),
-      llm_text_len=int(config.text.llm_text_len),
-      qformer_len=int(config.text.qformer_max_len), prompt=prompt).llm_tokens
+  seq = example_flops(config, modality, params, rest).llm_tokens
   vocab = build.xblip_config(config.model, (modality,))[0].llm.vocab_size
   return {"saved_activations": act // shards, "gathered_layers": 2 * biggest * itemsize,
           "logits_grad": rows * seq * vocab * 4}
