@@ -22,7 +22,7 @@ from xblip_jax.config_utils import ConfigError
 from xblip_jax.data import text as text_lib
 from xblip_jax.eval import generation, tasks
 from xblip_jax.train import inputs as inputs_lib
-from xblip_jax.train import optim, restore
+from xblip_jax.train import model_init, optim, restore
 from xblip_jax.train import trainer as trainer_lib
 from xblip_jax.train.trainer import evaluate
 
@@ -105,7 +105,14 @@ def test_inference_source_order(tmp_path):
     restore.source_of(cfg(), tmp_path / "run")
 
 
-def test_init_from_matching_nothing_is_refused(data_root, tmp_path):  # noqa: F811
+def test_init_from_matching_nothing_is_refused(data_root, tmp_path, monkeypatch):  # noqa: F811
+  def abstract_model(config, modalities, vocab, mesh, weights):  # shapes only: no 15 s compile
+    del weights
+    graphdef, params, rest, param_sh, _ = model_init.abstract_state(config, modalities, vocab, mesh)
+    return types.SimpleNamespace(graphdef=graphdef, params=params, rest=rest,
+                                 param_shardings=param_sh)
+
+  monkeypatch.setattr(restore.model_init, "create_sharded", abstract_model)
   unrelated = tmp_path / "unrelated"
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(unrelated, {"vision_model": {"w": np.zeros((3, 3), np.float32)}})
