@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -81,5 +82,12 @@ def test_mode_eval_reproduces_the_training_run_evaluation(tmp_path):
   losses = candidate_nll.candidate_losses(nll, loaded.params, loaded.rest, batch, order,
                                           loaded.inputs.text, instructions, classes)
   assert losses.shape == (len(rows), len(classes)) and np.all(losses > 0)
-  picked = classification.rank_candidates(losses)
-  assert np.all(losses[np.arange(len(rows)), picked] == losses.min(axis=1))
+  # Each (row, candidate) alone through the training loss path (`lm_loss`, batch of one row):
+  # the ranking must pick the candidate that path scores lowest.
+  alone = np.array([[float(eval_loss(loaded.params, loaded.rest, {
+      **jax.tree.map(lambda a, i=i: a[i:i + 1], batch),
+      **{k: v[None] for k, v in candidate_nll.candidate_arrays(
+          loaded.inputs.text, instructions[i], c).items()}}, order)[0]) for c in classes]
+      for i in range(len(rows))])
+  np.testing.assert_allclose(losses, alone, rtol=1e-4)
+  np.testing.assert_array_equal(classification.rank_candidates(losses), alone.argmin(axis=1))
