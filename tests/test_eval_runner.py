@@ -5,13 +5,12 @@ decoding, same scorers) and write the per-set files and the markdown table."""
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import small_demo_config
 from xblip_jax.data import demo
 from xblip_jax.eval import candidate_nll, classification
 from xblip_jax.eval.runner import run_eval
@@ -19,25 +18,10 @@ from xblip_jax.train import restore
 from xblip_jax.train import step as step_lib
 from xblip_jax.train.trainer import train_and_evaluate
 
-sys.path.insert(0, str(REPO / "configs"))
-import demo as demo_config  # noqa: E402  pylint: disable=wrong-import-position
-
 
 def _config(root):
-  c = demo_config.get_config()
-  c.data.root = str(root)
-  c.data.modalities = ("image", "pc")
-  c.data.train_datasets = ("image_qa", "pc_qa")
-  c.data.eval_datasets = ("image_qa", "discrn_image_pc")
-  c.data.batch_size = 4
-  c.data.eval_batch_size = 4
-  c.eval.num_examples = 4
-  c.eval.max_new_tokens = 3
+  c = small_demo_config(root, 1, checkpoint_every=1)
   c.eval.num_beams = 2  # the beam path, kept small
-  c.model.demo_llm.steps = 10
-  c.train.num_steps = 1
-  c.train.log_every = 1
-  c.train.checkpoint_every = 1
   return c
 
 

@@ -13,13 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO
+from conftest import REPO, small_demo_config
 from xblip_jax.data import demo
 from xblip_jax.train import checkpoint as ckpt_lib
 from xblip_jax.train.trainer import train_and_evaluate
-
-sys.path.insert(0, str(REPO / "configs"))
-import demo as demo_config  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +28,7 @@ def demo_root(tmp_path_factory):
 
 
 def _config(root, steps):
-  c = demo_config.get_config()
-  c.data.root = str(root)
-  c.data.modalities = ("image", "pc")
-  c.data.train_datasets = ("image_qa", "pc_qa")
-  c.data.eval_datasets = ("image_qa", "discrn_image_pc")
-  c.data.batch_size = 4
-  c.data.eval_batch_size = 4
-  c.eval.num_examples = 4
-  c.eval.max_new_tokens = 3
-  c.model.demo_llm.steps = 10
-  c.train.num_steps = steps
-  c.train.log_every = 1
-  c.train.checkpoint_every = 2
-  return c
+  return small_demo_config(root, steps)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +55,7 @@ def test_demo_trains_checkpoints_and_resumes(runs):
   for metrics in summary["eval"].values():
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_examples"] > 0
   assert "image_qa" in summary["data"]["bad_records"]
-  preds = json.loads((workdir / "predictions" / "image_qa.json").read_text())
+  preds = json.loads((workdir / "eval" / "image_qa.json").read_text())["predictions"]
   assert preds and all("prediction" in p and p["answers"] for p in preds)
 
 

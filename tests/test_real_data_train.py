@@ -125,7 +125,7 @@ def test_real_data_trains_and_evaluates(data_root, tmp_path):
   assert summary["data"]["read_skipped"]["coco_vqa_instruct"] == {"missing media file": 1}
   result = summary["eval"]["coco_caption_val"]
   assert math.isfinite(result["loss"])
-  preds = json.loads((tmp_path / "run" / "predictions" / "coco_caption_val.json").read_text())
+  preds = json.loads((tmp_path / "run" / "eval" / "coco_caption_val.json").read_text())["predictions"]
   # Scored as the reference's COCO captioning: its prompt, all references of the image.
   assert [p["instruction"] for p in preds] == [tasks.TASKS["coco_caption"].prompt]
   assert preds[0]["answers"] == ["a dark square", "dark"]

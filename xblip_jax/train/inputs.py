@@ -11,7 +11,6 @@ deterministically, and keep each row's reference answers next to its arrays.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -293,13 +292,6 @@ class Inputs:
     if self.llm_tokenizer.eos_id in ids:
       ids = ids[:ids.index(self.llm_tokenizer.eos_id)]
     return self.llm_tokenizer.decode(ids).strip()
-
-  def write_predictions(self, name: str, preds: list[dict]) -> None:
-    if jax.process_index() != 0:
-      return
-    out = self.workdir / "predictions"
-    out.mkdir(exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(preds, indent=1))
 
 
 def build_inputs(config, workdir: Path, train: bool = True) -> Inputs:

@@ -53,7 +53,7 @@ def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens:
              generate_for: Callable | None = None) -> dict[str, Any]:
   """Every evaluation set scored by its task (`eval/tasks.py`): held-out loss, the task's
   metric, and the loose answer accuracy; writes `<workdir>/eval/<set>.json` (every prediction,
-  its references and score), `<workdir>/eval/results.md`, and `predictions/<set>.json`.
+  its references and score) and `<workdir>/eval/results.md`.
 
   `generate(params, rest, batch, order, decode_cfg)` is `eval.generation.make_task_generate`;
   each set decodes with its task's settings, `max_new_tokens` / `num_beams` (when > 0) capping
@@ -92,7 +92,6 @@ def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens:
       metrics["loss"] = total / max(count, 1)
     results[eval_set.name], set_tasks[eval_set.name] = metrics, task
     report.write_set(workdir, eval_set.name, task, metrics, preds)
-    inputs.write_predictions(eval_set.name, preds)
   if results:
     report.write_table(workdir, results, set_tasks)
   return results

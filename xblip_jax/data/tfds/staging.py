@@ -9,6 +9,7 @@ is for raw files, at the cost of one small memory copy; errors name the original
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from xblip_jax.data.example import Example, MediaError
 
 
+@functools.cache  # once per process: it sits on the per-record decode path
 def _staging_dir() -> str | None:
   shm = "/dev/shm"
   return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None  # None: $TMPDIR
