@@ -23,8 +23,8 @@ from typing import Any
 
 from xblip_jax.config_utils import ConfigError
 from xblip_jax.data.example import Examples
-from xblip_jax.data.formats import (audiocaps, audioset, clotho, coco, discrn, llava, msrvtt,
-                                    objaverse, ocrvqa, wavcaps, webvid)
+from xblip_jax.data.formats import (audiocaps, audioset, clotho, coco, discrn, esc50, llava,
+                                    modelnet40, msrvtt, objaverse, ocrvqa, wavcaps, webvid)
 
 # AudioCaps clips the reference leaves out (`missing_ids` of its audio yamls).
 AUDIOCAPS_MISSING = ("2sh7ZkazyO8", "966jA2-z0mQ", "52RlolYyjAE", "HVAc9hm4jjk", "8lPjqvYWNyM",
@@ -85,6 +85,18 @@ def _audioset(annotations, media, **kwargs):
   return audioset.read_audioset(annotations[0], annotations[1], media, **kwargs)
 
 
+def _modelnet40(annotations, media, **kwargs):
+  """Annotations: the shape-names file, the `.dat` pickle, optionally the shape-id list (the
+  reference's order); the media folder is unused (the points are inside the `.dat`)."""
+  del media
+  if len(annotations) not in (2, 3):
+    raise ConfigError("modelnet40 needs modelnet40_shape_names.txt, the *_8192pts_fps.dat "
+                      f"file and optionally the shape-id list, got {list(annotations)}")
+  return modelnet40.read_modelnet40(annotations[1], annotations[0],
+                                    shape_ids_path=annotations[2] if len(annotations) == 3
+                                    else None, **kwargs)
+
+
 def _discrn(source):
   def read(annotations, media, **kwargs):
     return _each(lambda path, roots, **kw: discrn.read_discrn(path, source, roots, **kw))(
@@ -102,6 +114,7 @@ READERS: dict[str, Callable[..., Examples]] = {
     "cap3d_caption": _each(objaverse.read_cap3d_caption),
     "cap3d_qa": _each(objaverse.read_cap3d_qa),
     "discrn_objaverse": _discrn("objaverse"), "discrn_audiocaps": _discrn("audiocaps"),
+    "esc50": _each(esc50.read_esc50), "modelnet40": _modelnet40,
 }
 
 
@@ -112,6 +125,8 @@ def _image(family, task, ann, media="coco/images", **kw):
 _LLAVA = _image("llava", "qa", ["LLaVA-Instruct-150K/annotations/lava_instruct_150k.json"],
                 "coco/images/train2017", spec={"instruct": False})
 _AUDIOCAPS = dict(kwargs={"exclude_ids": AUDIOCAPS_MISSING}, require_media=True)
+_MODELNET40 = tuple(f"modelnet40_normal_resampled/{f}" for f in (
+    modelnet40.SHAPE_NAMES, "modelnet40_test_8192pts_fps.dat", "modelnet40_test.txt"))
 
 ENTRIES: dict[str, Entry] = {
     # --- image (reference section 2.3) ---
@@ -204,6 +219,18 @@ ENTRIES: dict[str, Entry] = {
         "discrn_audiocaps", ("video", "audio"), "discrn", ("discrn/annotations/audiocaps.json",),
         {"video": "audiocaps/video/val", "audio": "audiocaps/audio/val"}, split="val",
         options={"n_frms": 2}, eval_task="discrn_audio_video"),
+    # Classification (eval yamls `esc50_classification*`, `modelnet40_*`): one split each,
+    # scored by likelihood ranking or by generation.
+    "esc50_cls_val": Entry("esc50", "audio", "classification", ("ESC-50/esc50.csv",),
+                           "ESC-50/audio", split="val", eval_task="esc50"),
+    "esc50_completion_val": Entry("esc50", "audio", "classification", ("ESC-50/esc50.csv",),
+                                  "ESC-50/audio", split="val", eval_task="esc50_gen"),
+    "modelnet40_cls_val": Entry("modelnet40", "pc", "classification", _MODELNET40,
+                                "modelnet40_normal_resampled", split="val",
+                                eval_task="modelnet40"),
+    "modelnet40_completion_val": Entry("modelnet40", "pc", "classification", _MODELNET40,
+                                       "modelnet40_normal_resampled", split="val",
+                                       eval_task="modelnet40_gen"),
 }
 
 OVERRIDE_KEYS = ("annotation", "media", "shards", "require_media")
