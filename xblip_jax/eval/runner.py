@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from xblip_jax.eval import generation
+from xblip_jax.eval import candidate_nll, generation
 from xblip_jax.train import restore
 from xblip_jax.train import step as step_lib
 from xblip_jax.train.trainer import evaluate
@@ -28,12 +28,13 @@ def run_eval(config, workdir: str | Path) -> dict[str, Any]:
   model, inputs, mesh = loaded.model, loaded.inputs, loaded.mesh
   shardings = step_lib.StepShardings(model.param_shardings, None, model.rest_shardings, mesh)
   prompt = inputs.prompt_ids
-  eval_loss = step_lib.make_eval_loss(loaded.graphdef, prompt, shardings)
+  loss_for = lambda p: step_lib.make_eval_loss(loaded.graphdef, p, shardings)
   generate_for = lambda p: generation.make_task_generate(loaded.graphdef, p, shardings)
-  generate = generate_for(prompt)
+  nll_for = lambda p: candidate_nll.make_candidate_nll(loaded.graphdef, p, shardings)
   with jax.set_mesh(mesh):
-    results = evaluate(inputs, mesh, loaded.params, loaded.rest, eval_loss, generate,
-                       generate_for=generate_for,
+    results = evaluate(inputs, mesh, loaded.params, loaded.rest, loss_for(prompt),
+                       generate_for(prompt), generate_for=generate_for, loss_for=loss_for,
+                       nll_for=nll_for,
                        max_new_tokens=int(config.eval.max_new_tokens),
                        num_beams=int(config.eval.get("num_beams", 0)), workdir=workdir)
   if jax.process_index() == 0:

@@ -1,7 +1,8 @@
 """Scores one evaluation set's predictions with its task's metric; per example and overall.
 
 Every prediction row is a dict with `prediction` and `answers` (references: human answers,
-captions, DisCRn's accepted answers, or the class name). Rows get a `score` field; the set's
+captions, DisCRn's accepted answers, or the class name; classification rows' `prediction` is
+the class name the trainer's `evaluate` ranked or matched in the generated text). Rows get a `score` field; the set's
 metrics are averages (captioning: the corpus-level COCO metrics). `agg_metrics` is the task's
 headline number, the one LAVIS selects models by. QA and DisCRn sets also keep the project's
 earlier loose `accuracy` (`eval/answers.py`) next to the reference metric.
@@ -27,8 +28,7 @@ def postprocess(task: Task, text: str) -> str:
   return text or (task.empty_answer or "")
 
 
-def score_set(task: Task, preds: Sequence[dict[str, Any]],
-              classnames: Sequence[str] | None = None) -> dict[str, float]:
+def score_set(task: Task, preds: Sequence[dict[str, Any]]) -> dict[str, float]:
   """Adds `score` to each row of `preds` (in place); returns the set's metrics."""
   rows = [p for p in preds if p.get("answers")]
   if not rows:
@@ -47,12 +47,7 @@ def score_set(task: Task, preds: Sequence[dict[str, Any]],
     one = lambda p: vqa.gqa_match(p["prediction"], p["answers"][0])
   elif task.metric == "discrn":
     one = lambda p: discrn.discrn_correct(p["prediction"], p["answers"])
-  elif task.metric == "class_gen":
-    if not classnames:
-      raise ValueError(f"task {task.name}: classification by generation needs the class names")
-    one = lambda p: float(classification.class_from_generation(p["prediction"], classnames)
-                          == p["answers"][0])
-  else:  # class_rank: rows carry the ranked prediction (a class name) already
+  else:  # class_rank / class_gen: rows carry the predicted class name (ranked or matched)
     one = lambda p: float(p["prediction"] == p["answers"][0])
   for p in rows:
     p["score"] = one(p)

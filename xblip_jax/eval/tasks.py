@@ -97,13 +97,15 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     _qa("objaverse_qa", "pc", "gqa", "based on the given input respond to {}", **_QA_3D),
     Task("esc50", ("audio",), "class_rank", "describe the audio", DecodeConfig.vqa(),
          candidates="an audio of {}"),
-    Task("esc50_gen", ("audio",), "class_gen", "descibe the audio", DecodeConfig.vqa(),
-         note="prompt misspelt as in the reference; decoding settings not given there: QA "
-              "preset"),
+    Task("esc50_gen", ("audio",), "class_gen", "descibe the audio",
+         DecodeConfig.vqa(max_new_tokens=79, length_penalty=1.0),
+         note="the model prompt, misspelt as in the reference, is what generate() uses (the "
+              "run prompt 'describe the audio' is never read); run max_len 80, min_len 1, "
+              "beams 5, length_penalty 1"),
     Task("modelnet40", ("pc",), "class_rank", "describe the 3d model.",
          DecodeConfig.vqa(max_new_tokens=2), candidates=" a 3d model of a {}"),
     Task("modelnet40_gen", ("pc",), "class_gen", "describe the 3d model",
-         DecodeConfig.vqa(max_new_tokens=79)),
+         DecodeConfig.vqa(max_new_tokens=79, length_penalty=0.0)),
     Task("discrn_image_3d", ("image", "pc"), "discrn", "question: {} answer:",
          DecodeConfig.vqa(), qformer_prompt=_CAPTION, prefix=DISCRN_PREFIX),
     Task("discrn_audio_video", ("video", "audio"), "discrn", "question: {} answer:",
@@ -111,10 +113,11 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 # The demo config's held-out sets: its QA sets are scored like GQA (one answer each), its
-# DisCRn sets like DisCRn. Prompts come from the demo data's own templates.
+# DisCRn sets like DisCRn, its classification sets (`data/demo_classification.py`) by ranking. Prompts come from the demo data's own templates.
 DEMO_SETS = {"image_qa": "gqa", "video_qa": "msvd_qa", "audiocaps_qa": "audiocaps_qa",
              "pc_qa": "objaverse_qa", "discrn_image_pc": "discrn_image_3d",
-             "discrn_video_audio": "discrn_audio_video"}
+             "discrn_video_audio": "discrn_audio_video", "audio_cls": "esc50",
+             "pc_cls": "modelnet40"}
 
 
 def for_eval_set(name: str, task: str | None = None) -> Task:

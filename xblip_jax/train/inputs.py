@@ -37,6 +37,7 @@ class EvalSet:
   batches: list[tuple[tuple[str, ...], dict[str, np.ndarray], list[dict]]]
   task: str | None = None  # `eval/tasks.py` key that scores it; None: by the set name
   prefix: str = ""  # the task's LLM text before the first cue (DisCRn); "": the run's prefix
+  classnames: tuple[str, ...] = ()  # classification sets: the class list (reader's meta)
 
 
 def prompt_ids(tok: LlmTokenizer, text_cfg: text_lib.TextConfig, modalities) -> PromptIds:
@@ -264,7 +265,8 @@ class Inputs:
       arrays = [r[1] for r in chunk] + [filler] * (self.eval_batch_size - len(chunk))
       batch = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
       batches.append((tuple(chunk[0][0]), batch, refs))
-    return EvalSet(name, batches, task=task, prefix=task_def.prefix if task_def else "")
+    return EvalSet(name, batches, task=task, prefix=task_def.prefix if task_def else "",
+                   classnames=tuple(examples[0].meta.get("classnames", ())) if examples else ())
 
   def eval_prompt_ids(self, eval_set: EvalSet) -> PromptIds:
     """The run's prompt ids, with the set's task prefix (with BOS) in place of the run's."""

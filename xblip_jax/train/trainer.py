@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 
 from xblip_jax import config_utils, sharding
-from xblip_jax.eval import generation, report, scoring
+from xblip_jax.eval import candidate_nll, classification, generation, report, scoring
 from xblip_jax.eval import tasks as tasks_lib
 from xblip_jax.models import build
 from xblip_jax.train import checkpoint as ckpt_lib
@@ -50,7 +50,8 @@ def to_replicated_rows(batch: dict, mesh) -> dict:
 
 def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens: int = 0,
              num_beams: int = 0, workdir: Path | None = None,
-             generate_for: Callable | None = None) -> dict[str, Any]:
+             generate_for: Callable | None = None, loss_for: Callable | None = None,
+             nll_for: Callable | None = None) -> dict[str, Any]:
   """Every evaluation set scored by its task (`eval/tasks.py`): held-out loss, the task's
   metric, and the loose answer accuracy; writes `<workdir>/eval/<set>.json` (every prediction,
   its references and score) and `<workdir>/eval/results.md`.
@@ -58,37 +59,72 @@ def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens:
   `generate(params, rest, batch, order, decode_cfg)` is `eval.generation.make_task_generate`;
   each set decodes with its task's settings, `max_new_tokens` / `num_beams` (when > 0) capping
   and replacing the preset's (the demo's short answers). `eval_loss` may be None.
-  `generate_for(prompt_ids)` builds such a `generate` for a set whose task has its own prefix
-  (DisCRn, spec 4.7); without it such a set is an error rather than scored without the prefix.
+  A set whose task has its own LLM prefix (DisCRn, spec 4.7) needs `generate_for(prompt_ids)`
+  (and `loss_for(prompt_ids)` when `eval_loss` is given) to build its programs with that
+  prefix; without them it is an error rather than scored without the prefix.
+  Classification by ranking (`class_rank`) needs `nll_for(prompt_ids)`
+  (`eval.candidate_nll.make_candidate_nll`): each row's prediction is the class whose
+  candidate text has the least summed NLL; `class_gen` sets generate and take the first class
+  named in the output.
   """
   workdir = Path(workdir or inputs.workdir)
   results: dict[str, Any] = {}
   set_tasks: dict[str, Any] = {}
-  by_prompt: dict[Any, Callable] = {}  # one compiled program per task prefix
+  built: dict[tuple[str, Any], Callable] = {}  # one compiled program per (kind, prompt)
+
+  def program(kind: str, factory: Callable | None, default: Callable | None, eval_set):
+    if not eval_set.prefix and kind != "nll":
+      return default
+    if factory is None:
+      need = {"generate": "generate_for", "loss": "loss_for", "nll": "nll_for"}[kind]
+      why = "classification by ranking" if kind == "nll" else "its task's prefix"
+      raise ValueError(f"evaluation set {eval_set.name!r}: {why} needs evaluate({need}=...)")
+    key = (kind, inputs.eval_prompt_ids(eval_set))
+    if key not in built:
+      built[key] = factory(key[1])
+    return built[key]
+
   for eval_set in inputs.eval_sets():
     task = tasks_lib.for_eval_set(eval_set.name, getattr(eval_set, "task", None))
     cfg = generation.for_tokenizer(task.decode, inputs.llm_tokenizer, max_new_tokens,
                                    num_beams)
-    set_generate = generate
-    if getattr(eval_set, "prefix", ""):
-      if generate_for is None:
-        raise ValueError(f"evaluation set {eval_set.name!r}: its task's prefix needs "
-                         "evaluate(generate_for=...)")
-      key = inputs.eval_prompt_ids(eval_set)
-      if key not in by_prompt:
-        by_prompt[key] = generate_for(key)
-      set_generate = by_prompt[key]
+    classnames = tuple(getattr(eval_set, "classnames", ()))
+    if task.metric in ("class_rank", "class_gen") and not classnames:
+      raise ValueError(f"evaluation set {eval_set.name!r}: task {task.name} needs the class "
+                       "list (its reader's meta['classnames'])")
+    ranked = task.metric == "class_rank"
+    set_loss = None if eval_loss is None else program("loss", loss_for, eval_loss, eval_set)
+    if ranked:
+      set_nll = program("nll", nll_for, None, eval_set)
+      candidates = [task.candidates.format(c) for c in classnames]
+    else:
+      set_generate = program("generate", generate_for, generate, eval_set)
     total, count, preds = 0.0, 0, []
     for order, batch, refs in eval_set.batches:
-      dev = to_replicated_rows(batch, mesh)
-      if eval_loss is not None:
-        s, n = eval_loss(params, rest, dev, order)
+      if set_loss is not None:
+        s, n = set_loss(params, rest, to_replicated_rows(batch, mesh), order)
         total, count = total + float(s), count + int(n)
-      ids = np.asarray(set_generate(params, rest, dev, order, cfg))
+      if ranked:  # every row's own instruction with every candidate; padded rows reuse one
+        rows = len(next(iter(batch.values())))
+        instructions = [r["instruction"] for r in refs]
+        instructions += instructions[-1:] * (rows - len(instructions))
+        text = candidate_nll.candidate_batch(inputs.text, instructions, candidates)
+        losses = np.asarray(set_nll(params, rest, to_replicated_rows({**batch, **text}, mesh),
+                                    order))
+        for k, loss_row, ref in zip(classification.rank_candidates(losses), losses, refs):
+          preds.append({"prediction": classnames[k], **ref,
+                        "candidate_losses": [round(float(v), 4) for v in loss_row]})
+        continue
+      ids = np.asarray(set_generate(params, rest, to_replicated_rows(batch, mesh), order, cfg))
       for row, ref in zip(ids, refs):
-        preds.append({"prediction": scoring.postprocess(task, inputs.decode(row)), **ref})
+        text_out = scoring.postprocess(task, inputs.decode(row))
+        if task.metric == "class_gen":
+          preds.append({"prediction": classification.class_from_generation(
+              text_out, classnames), "generated": text_out, **ref})
+        else:
+          preds.append({"prediction": text_out, **ref})
     metrics = scoring.score_set(task, preds)
-    if eval_loss is not None:
+    if set_loss is not None:
       metrics["loss"] = total / max(count, 1)
     results[eval_set.name], set_tasks[eval_set.name] = metrics, task
     report.write_set(workdir, eval_set.name, task, metrics, preds)
@@ -187,7 +223,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   shardings = step_lib.StepShardings(model.param_shardings, opt_sh, model.rest_shardings, mesh)
   train_step = step_lib.make_train_step(graphdef, tx, prompt, shardings=shardings,
                                         microbatches=microbatches)
-  eval_loss = step_lib.make_eval_loss(graphdef, prompt, shardings)
+  loss_for = lambda p: step_lib.make_eval_loss(graphdef, p, shardings)
+  eval_loss = loss_for(prompt)
   generate_for = lambda p: generation.make_task_generate(graphdef, p, shardings)
   generate = generate_for(prompt)
   bridge, enc_cfgs = build.xblip_config(config.model, inputs.modalities, vocab)
@@ -264,7 +301,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
   if not preempted:
     with jax.set_mesh(mesh):
       summary["eval"] = evaluate(inputs, mesh, params, rest, eval_loss, generate,
-                                 generate_for=generate_for, max_new_tokens=int(config.eval.max_new_tokens),
+                                 generate_for=generate_for, loss_for=loss_for,
+                                 nll_for=lambda p: candidate_nll.make_candidate_nll(
+                                     graphdef, p, shardings),
+                                 max_new_tokens=int(config.eval.max_new_tokens),
                                  num_beams=int(config.eval.get("num_beams", 0)))
     for name, res in summary["eval"].items():
       logging.info("eval %s: %s", name, res)
