@@ -33,7 +33,8 @@ def _write(root, n=5, extra=()):
   return base, points
 
 
-def test_reads_points_labels_and_names(tmp_path):
+def test_reads_points_labels_and_names(tmp_path, monkeypatch):
+  monkeypatch.setenv("XBLIP_CACHE_DIR", str(tmp_path / "cache"))
   bad = [(np.zeros((4,), np.float32), np.array([0])),          # not (N, >=3)
          (np.zeros((8, 3), np.float32), np.array([7]))]          # label outside the list
   base, points = _write(tmp_path, extra=bad)
@@ -45,6 +46,7 @@ def test_reads_points_labels_and_names(tmp_path):
     assert ex.label == ex.answers[0] == NAMES[i % 3]  # underscores kept, as the reference
     assert ex.meta["classnames"] == NAMES and ex.meta["target"] == i % 3
     np.testing.assert_array_equal(np.load(ex.media), points[i][:, :3])  # normals dropped
+    assert ex.media.startswith(str(tmp_path / "cache" / "modelnet40"))  # not in the data
   # The pipeline normalises to the unit sphere and, with exactly `npoints`, shuffles.
   arrays = pipeline.load_media(out[1], np.random.default_rng(0), train=False,
                                opts=pipeline.MediaOptions(npoints=64))
@@ -79,7 +81,8 @@ def test_not_a_points_and_labels_pickle_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("name,task", [("modelnet40_cls_val", "modelnet40"),
                                        ("modelnet40_completion_val", "modelnet40_gen")])
-def test_registered_eval_splits(tmp_path, name, task):
+def test_registered_eval_splits(tmp_path, monkeypatch, name, task):
+  monkeypatch.setenv("XBLIP_CACHE_DIR", str(tmp_path / "cache"))
   _write(tmp_path, n=4)
   found = registry.resolve(name, tmp_path, where="data.eval_datasets")
   assert found.entry.eval_task == task

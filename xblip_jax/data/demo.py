@@ -28,7 +28,8 @@ import numpy as np
 
 from xblip_jax.data import demo_media as dm
 from xblip_jax.data.example import Examples
-from xblip_jax.data.formats import audiocaps, clotho, coco, discrn, msrvtt, objaverse
+from xblip_jax.data.formats import (audiocaps, clotho, coco, discrn, esc50, modelnet40, msrvtt,
+                                    objaverse)
 from xblip_jax.data.pipeline import DatasetSpec, MediaOptions
 
 SPLITS = ("train", "val")
@@ -67,6 +68,8 @@ _READERS = {
     "audiocaps": audiocaps.read_audiocaps, "audiocaps_qa": audiocaps.read_audiocaps_qa,
     "clotho": clotho.read_clotho, "cap3d_caption": objaverse.read_cap3d_caption,
     "cap3d_qa": objaverse.read_cap3d_qa,
+    "esc50": esc50.read_esc50,  # demo_classification.py
+    "modelnet40": modelnet40.read_modelnet40,  # media_root: the shape-names file
 }
 
 
