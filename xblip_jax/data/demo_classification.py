@@ -11,7 +11,8 @@ the demo's captions can be scored on them without training on them:
   zero normals, and length-1 label arrays) + `modelnet40_shape_names.txt` (the demo's 3D
   shapes). Its manifest entry's `media_root` is the shape-names file (the reader's second
   argument): the points are inside the `.dat`.
-Each writer has the signature of `demo.write_demo_data`'s family writers.
+Each writer has the signature of `demo.write_demo_data`'s family writers. `demo` is used as a
+module (attributes read at call time), so `demo.py` may import this module at its top.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xblip_jax.data import demo as demo_lib
 from xblip_jax.data import demo_media as dm
-from xblip_jax.data.demo import DemoDataset, Manifest, _write_csv
 from xblip_jax.data.formats import modelnet40
 
 AUDIO_SET, PC_SET = "audio_cls", "pc_cls"
@@ -36,7 +37,7 @@ def audio_category(pitch: str, speed: str) -> str:
 
 
 def esc50_split(root: Path, split: str, n: int, rng: np.random.Generator,
-                manifest: Manifest) -> None:
+                manifest: demo_lib.Manifest) -> None:
   """`n` beep clips, classes in turn (shuffled), so that with `n` >= 4 every class is in the
   CSV (the class list is read from it); ESC-50 names `{fold}-{src}-{take}-{target}.wav`."""
   base = root / "esc50"
@@ -47,9 +48,10 @@ def esc50_split(root: Path, split: str, n: int, rng: np.random.Generator,
     name = f"{fold}-{src}-A-{target}.wav"
     dm.write_beeps(base / "audio" / name, pitch, speed, 44100, rng)
     rows.append((name, fold, int(target), audio_category(pitch, speed), False, src, "A"))
-  manifest.setdefault(AUDIO_SET, {})[split] = DemoDataset(
+  manifest.setdefault(AUDIO_SET, {})[split] = demo_lib.DemoDataset(
       AUDIO_SET, split, "esc50",
-      _write_csv(base / "meta" / f"esc50_{split}.csv", ESC50_HEADER, rows), str(base / "audio"))
+      demo_lib._write_csv(base / "meta" / f"esc50_{split}.csv", ESC50_HEADER, rows),
+      str(base / "audio"))
 
 
 def _points(shape: str, rng: np.random.Generator) -> np.ndarray:
@@ -60,7 +62,7 @@ def _points(shape: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def modelnet40_split(root: Path, split: str, n: int, rng: np.random.Generator,
-                     manifest: Manifest) -> None:
+                     manifest: demo_lib.Manifest) -> None:
   """`n` point sets of random demo shapes in ULIP's pickled ModelNet40 format."""
   base = root / "modelnet40" / "modelnet40_normal_resampled"
   base.mkdir(parents=True, exist_ok=True)
@@ -71,5 +73,5 @@ def modelnet40_split(root: Path, split: str, n: int, rng: np.random.Generator,
   dat = base / f"modelnet40_{split}_8192pts_fps.dat"
   with dat.open("wb") as f:
     pickle.dump([points, [np.array([k], np.int32) for k in labels]], f)
-  manifest.setdefault(PC_SET, {})[split] = DemoDataset(PC_SET, split, "modelnet40", str(dat),
-                                                       str(names))
+  manifest.setdefault(PC_SET, {})[split] = demo_lib.DemoDataset(
+      PC_SET, split, "modelnet40", str(dat), str(names))
