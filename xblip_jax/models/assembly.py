@@ -98,21 +98,58 @@ def assemble(
   return inputs, mask, jnp.concatenate(labels, axis=1)
 
 
-def causal_lm_loss(logits: Float[Array, "B T V"], labels: Int[Array, "B T"]
-                   ) -> tuple[Float[Array, ""], Int[Array, ""]]:
-  """Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` over supervised tokens.
+def shifted_targets(labels: Int[Array, "B T"]) -> Int[Array, "B T"]:
+  """The target of position t: `labels[:, t + 1]`, IGNORE at the last position.
 
-  A token-level mean over the whole batch, as the reference's HF loss. Returns (loss, count).
-  The labels are shifted instead of the logits (a slice of `(B, T, V)` logits is a copy), and
-  the target logit is picked with a one-hot select rather than a gather, whose gradient would
-  scatter into a zero-filled `(B, T, V)` buffer; the backward pass is then one elementwise pass.
+  The labels are shifted instead of the logits: a slice of `(B, T, V)` logits is a copy.
   """
-  targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
+  return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
+
+
+def token_nll_sum(logits: Float[Array, "... V"], targets: Int[Array, "..."]
+                  ) -> tuple[Float[Array, ""], Int[Array, ""]]:
+  """(summed cross-entropy, count) over the positions whose target is not IGNORE.
+
+  The target logit is picked with a one-hot select rather than a gather, whose gradient would
+  scatter into a zero-filled `(..., V)` buffer; the backward pass is then one elementwise pass.
+  """
   valid = targets != IGNORE
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
   picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-  count = valid.sum()
-  loss = jnp.sum(jnp.where(valid, lse - picked, 0.0)) / jnp.maximum(count, 1)
-  return loss, count
+  return jnp.sum(jnp.where(valid, lse - picked, 0.0)), valid.sum()
+
+
+def causal_lm_loss(logits: Float[Array, "B T V"], labels: Int[Array, "B T"]
+                   ) -> tuple[Float[Array, ""], Int[Array, ""]]:
+  """Mean cross-entropy of `logits[:, :-1]` against `labels[:, 1:]` over supervised tokens.
+
+  A token-level mean over the whole batch, as the reference's HF loss. Returns (loss, count).
+  """
+  total, count = token_nll_sum(logits, shifted_targets(labels))
+  return total / jnp.maximum(count, 1), count
+
+
+def text_lm_loss(
+    hidden: Float[Array, "B T D"],
+    text_labels: Int[Array, "B L"],
+    head: Callable[[Float[Array, "B N D"]], Float[Array, "B N V"]],
+) -> tuple[Float[Array, ""], Int[Array, ""]]:
+  """`causal_lm_loss(head(hidden), labels)` of an `assemble`d sequence, with the LM head on
+  the positions that can carry a label only.
+
+  `hidden` are the final hidden states of the whole sequence, whose last `L` positions are
+  the text block; `assemble` labels everything before it IGNORE, so only the `L` positions
+  that predict a text token (from the one before the text block to the second last) can be
+  supervised. The head (most of a small LLM's step: `T x D x V` products forward and
+  backward, and the loss' passes over `(B, T, V)`) runs on those `(B, L)` rows: a static
+  slice, so shapes do not depend on the data. Same value and gradients as the full logits.
+  """
+  t, l = hidden.shape[1], text_labels.shape[1]
+  if l > t:
+    raise ValueError(f"text block of {l} tokens is longer than the sequence ({t})")
+  lo = max(t - l - 1, 0)  # the position predicting the first text token (none without prefix)
+  targets = text_labels[:, lo - (t - l - 1):].astype(jnp.int32)
+  total, count = token_nll_sum(head(hidden[:, lo:t - 1]), targets)
+  return total / jnp.maximum(count, 1), count

@@ -24,6 +24,7 @@ from xblip_jax.models import assembly
 from xblip_jax.models.layers import LayerNorm, Precision, dense
 from xblip_jax.models.llm.llama import Llama, LlamaConfig
 from xblip_jax.models.qformer import QFormer, QFormerConfig
+from xblip_jax.sharding import constrain
 
 # Reference quirk Q02 (docs/quirks.md): LAVIS pairs frame/clip rows with instructions through
 # `.repeat` (tiling), which mismatches them for batch > 1; "interleave" gives each row its own
@@ -66,9 +67,15 @@ class XBlipConfig:
 
 @flax.struct.dataclass
 class XBlipOutput:
+  """The loss, its supervised token count, and the sequence it was computed on.
+
+  `logits` are the full `(B, T, V)` logits, or None when the call skipped them (`logits=False`:
+  the training loss, which runs the LM head on the label-carrying positions only).
+  """
+
   loss: Float[Array, ""]
   num_tokens: Int[Array, ""]
-  logits: Float[Array, "B T V"]
+  logits: Float[Array, "B T V"] | None
   labels: Int[Array, "B T"]
   attention_mask: Int[Array, "B T"]
 
@@ -167,14 +174,28 @@ class XInstructBlip(nnx.Module):
       text_labels: Int[Array, "B L"],
       prompt: assembly.PromptIds,
       order: Sequence[str],
+      logits: bool = True,
   ) -> XBlipOutput:
-    """Language-modelling loss of the assembled sequence (frozen LLM)."""
+    """Language-modelling loss of the assembled sequence (frozen LLM).
+
+    With `logits=False` the LM head runs only where a label can be (`assembly.text_lm_loss`):
+    same loss and gradients, no `(B, T, V)` logits. The LLM input, hidden states and logits
+    are constrained by logical names (a no-op outside a mesh).
+    """
     embeds, mask, labels = assembly.assemble(
         self.llm.embed, soft, text_ids, text_mask, text_labels, prompt, order,
         layout=self.cfg.layout, use_cues=self.cfg.use_cues)
-    out = self.llm(embeds, attention_mask=mask)
-    loss, count = assembly.causal_lm_loss(out.logits, labels)
-    return XBlipOutput(loss=loss, num_tokens=count, logits=out.logits, labels=labels,
+    embeds = constrain(embeds, ("batch", "seq", "embed"))
+    out = self.llm(embeds, attention_mask=mask, head=logits)
+    if logits:
+      full = constrain(out.logits, ("batch", "seq", "vocab"))
+      loss, count = assembly.causal_lm_loss(full, labels)
+    else:
+      full = None
+      head = lambda h: constrain(self.llm.lm_logits(h), ("batch", "seq", "vocab"))
+      loss, count = assembly.text_lm_loss(constrain(out.hidden_states, ("batch", "seq", "embed")),
+                                          text_labels, head)
+    return XBlipOutput(loss=loss, num_tokens=count, logits=full, labels=labels,
                        attention_mask=mask)
 
 

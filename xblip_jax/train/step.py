@@ -5,7 +5,8 @@ The model is split once into `graphdef`, trainable `params` and frozen `rest` (L
 steps merge them inside `jax.jit`, so the optimizer never sees a frozen parameter. Every step
 is jitted with explicit in/out shardings (`StepShardings`); the training step donates params
 and optimizer state. Key activations (encoder features, soft tokens, the LLM input, logits) are
-constrained by logical names (`sharding.constrain`).
+constrained by logical names (`sharding.constrain`). The loss runs the LM head on the positions
+that can carry a label only (`XInstructBlip.__call__(..., logits=False)`).
 
 Gradient accumulation over `microbatches` scans the batch in slices (rows `i::A`, so that each
 device keeps its own rows) and sums token-weighted losses and gradients: the update equals the
@@ -80,21 +81,17 @@ def soft_tokens(model: XInstructBlip, batch: dict, order: Sequence[str], *,
 
 def lm_loss(model: XInstructBlip, batch: dict, order: Sequence[str],
             prompt: assembly.PromptIds, *, deterministic: bool, rngs: nnx.Rngs | None = None):
-  """(token-mean loss, supervised token count) of one batch: `XInstructBlip.__call__` with
-  sharding constraints on the assembled LLM input and the logits.
+  """(token-mean loss, supervised token count) of one batch: `XInstructBlip.__call__` without
+  full logits (the LM head runs on the label-carrying text positions only; same value and
+  gradients as `causal_lm_loss` on the full logits).
 
   The towers' remat (LLM `remat_policy`, EVA `remat`, `models/remat.py`) works on a model
   merged inside `jax.value_and_grad`.
   """
   soft = soft_tokens(model, batch, order, deterministic=deterministic, rngs=rngs)
-  embeds, mask, labels = assembly.assemble(
-      model.llm.embed, soft, batch["llm_text_ids"], batch["llm_text_mask"],
-      batch["llm_text_labels"], prompt, order, layout=model.cfg.layout,
-      use_cues=model.cfg.use_cues)
-  embeds = sharding.constrain(embeds, ("batch", "seq", "embed"))
-  logits = model.llm(embeds, attention_mask=mask).logits
-  logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
-  return assembly.causal_lm_loss(logits, labels)
+  out = model(soft, batch["llm_text_ids"], batch["llm_text_mask"], batch["llm_text_labels"],
+              prompt, order, logits=False)
+  return out.loss, out.num_tokens
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:

@@ -139,12 +139,12 @@ class LlamaOutput:
   """Outputs of `Llama.__call__`.
 
   Attributes:
-    logits: next-token logits, always float32.
+    logits: next-token logits, always float32; None when called with `head=False`.
     cache: the updated cache when one was given, else None.
     hidden_states: final-norm hidden states that feed the LM head (compute dtype).
   """
 
-  logits: Float[Array, "B T V"]
+  logits: Float[Array, "B T V"] | None
   cache: KVCache | None = None
   hidden_states: Float[Array, "B T D"] | None = None
 
@@ -294,7 +294,7 @@ class Llama(nnx.Module):
   def __call__(self, inputs_embeds: Float[Array, "B T D"],
                attention_mask: Int[Array, "B T"] | None = None,
                positions: Int[Array, "B T"] | None = None,
-               cache: KVCache | None = None) -> LlamaOutput:
+               cache: KVCache | None = None, head: bool = True) -> LlamaOutput:
     """Runs the decoder on `T` new tokens.
 
     Args:
@@ -306,9 +306,12 @@ class Llama(nnx.Module):
         `index + arange(T)` without padding and HF generate's convention under left padding.
       cache: a `KVCache`; the `T` tokens are written at slots `[cache.index, cache.index + T)`,
         and must fit (`cache.index + T <= cache.max_len`; not checked under jit).
+      head: apply the LM head; False returns no logits (callers that need the head on a few
+        positions only apply `lm_logits` to those hidden states).
 
     Returns:
-      `LlamaOutput` with float32 logits, the updated cache (or None) and final hidden states.
+      `LlamaOutput` with float32 logits (or None), the updated cache (or None) and final
+      hidden states.
     """
     b, t, _ = inputs_embeds.shape
     x = inputs_embeds.astype(self.precision.jnp_dtype)
@@ -342,11 +345,16 @@ class Llama(nnx.Module):
       x, k_all, v_all = run(layer, x, cos, sin, allowed, k_all, v_all, index)
       x = constrain(x, HIDDEN_AXES)
     h = self.norm(x)
-    if self.lm_head is None:
-      table = self.embed_tokens.embedding[...].astype(h.dtype)
-      logits = jnp.einsum("btd,vd->btv", h, table, precision=self.precision.lax_precision)
-    else:
-      logits = self.lm_head(h)
     if cache is not None:
       cache = cache.replace(k=k_all, v=v_all, index=index + t)
-    return LlamaOutput(logits=logits.astype(jnp.float32), cache=cache, hidden_states=h)
+    return LlamaOutput(logits=self.lm_logits(h) if head else None, cache=cache,
+                       hidden_states=h)
+
+  def lm_logits(self, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
+    """The LM head (or the tied embedding) on final-norm hidden states; float32 logits."""
+    if self.lm_head is None:
+      table = self.embed_tokens.embedding[...].astype(h.dtype)
+      logits = jnp.einsum("...d,vd->...v", h, table, precision=self.precision.lax_precision)
+    else:
+      logits = self.lm_head(h)
+    return logits.astype(jnp.float32)
