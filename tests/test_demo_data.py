@@ -29,7 +29,8 @@ def test_all_formats_are_written_and_the_manifest_round_trips(demo_root):
   assert demo.load_manifest(root) == manifest
   assert set(manifest) == {"image_caption", "image_qa", "video_caption", "video_qa",
                            "audiocaps_caption", "audiocaps_qa", "clotho_caption", "pc_caption",
-                           "pc_qa", "discrn_image_pc", "discrn_video_audio"}
+                           "pc_qa", "discrn_image_pc", "discrn_video_audio", "audio_cls",
+                           "pc_cls"}
   assert all(set(splits) == {"train", "val"} for splits in manifest.values())
   assert Path(manifest["audiocaps_qa"]["train"].annotation).read_text().startswith(
       "audiocap_id,youtube_id,start_time,caption,question,answer")
@@ -38,7 +39,7 @@ def test_all_formats_are_written_and_the_manifest_round_trips(demo_root):
 def test_readers_read_everything_back_with_disjoint_splits(demo_root):
   _, manifest = demo_root
   family = {"image": "image", "video": "video", "audiocaps": "audiocaps", "clotho": "clotho",
-            "pc": "pc", "discrn": "discrn"}
+            "pc": "pc", "discrn": "discrn", "audio": "audiocaps"}
   for name, splits in manifest.items():
     size = getattr(SIZES, family[name.split("_")[0]])
     media = {}

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from xblip_jax.data import demo_classification
 from xblip_jax.data import demo_media as dm
 from xblip_jax.data.example import Examples
 from xblip_jax.data.formats import (audiocaps, clotho, coco, discrn, esc50, modelnet40, msrvtt,
@@ -292,7 +293,10 @@ def write_demo_data(root: str | os.PathLike, seed: int = 0,
   manifest: Manifest = {}
   writers = (("image", _image_split), ("video", _video_split),
              ("audiocaps", _audiocaps_split), ("clotho", _clotho_split), ("pc", _pc_split),
-             ("discrn", _discrn_split))
+             ("discrn", _discrn_split),
+             # Appended last so that the families above keep their random draws.
+             ("audiocaps", demo_classification.esc50_split),
+             ("pc", demo_classification.modelnet40_split))
   for family, (fam_name, write) in enumerate(writers):
     for s, split in enumerate(SPLITS):
       rng = np.random.default_rng([seed, family, s])

@@ -134,8 +134,10 @@ class Inputs:
     return tok_path
 
   def _demo_specs(self, config) -> list[pipeline.DatasetSpec]:
-    return demo.demo_specs(self.manifest, "train", names=list(config.data.train_datasets),
-                           media=self.media)
+    specs = demo.demo_specs(self.manifest, "train", names=list(config.data.train_datasets),
+                            media=self.media)
+    ratios = _train_ratios(config.data.get("train_ratios", None), self.train_names)
+    return [dataclasses.replace(s, weight=w) for s, w in zip(specs, ratios, strict=True)]
 
   def _real_data(self, config) -> Path:
     """Datasets on disk, named as the reference's yamls (`data/registry.py`)."""
@@ -305,7 +307,8 @@ def pretrained_weights(config, inputs: Inputs) -> dict[tuple[str, ...], Path]:
 
   `model.llm_init`: "random", "demo" (the demo LLM, pretrained on the demo text once, see
   `demo_llm.py`) or an Orbax directory of the LLM's parameter tree (as the converters write
-  it); `model.encoders_init`: `{modality: Orbax directory}` (absent: random encoders).
+  it); `model.encoders_init`: `{modality: Orbax directory}` (absent: random encoders; "demo":
+  the demo's PCA-fitted 3D encoder, see `demo_encoders.py`).
   """
   out: dict[tuple[str, ...], Path] = {}
   llm_init = config.model.get("llm_init", "random")
@@ -319,10 +322,19 @@ def pretrained_weights(config, inputs: Inputs) -> dict[tuple[str, ...], Path]:
   elif llm_init not in ("random", ""):
     out[("llm",)] = _existing(llm_init, "model.llm_init")
   for modality, path in dict(config.model.get("encoders_init", None) or {}).items():
+    if path == "demo" and modality not in inputs.modalities:
+      continue  # the demo config's default for a modality this run leaves out
     if modality not in inputs.modalities:
       raise config_utils.ConfigError(f"model.encoders_init.{modality}: not a configured "
                                      f"modality {inputs.modalities}")
-    if path:
+    if path == "demo":
+      if not inputs.demo:
+        raise config_utils.ConfigError(f"model.encoders_init.{modality}='demo' needs "
+                                       "data.demo=True")
+      from xblip_jax.train import demo_encoders  # pylint: disable=import-outside-toplevel
+
+      out[("encoders", modality)] = demo_encoders.ensure_pretrained(inputs, config, modality)
+    elif path:
       out[("encoders", modality)] = _existing(path, f"model.encoders_init.{modality}")
   return out
 
