@@ -95,26 +95,35 @@ def test_bridge_loss_and_gradients_equal_full_logits(seed, tied, layout, order, 
     assert max(float(np.abs(a).max()) for p, a, _ in pairs if m in p) > 1e-3 * scale
 
 
-def test_text_lm_loss_without_prefix_and_without_labels():
-  """A sequence that is the text block alone (its first token predicted by nothing), and a
-  batch without a supervised token (loss 0, count 0, as the full path)."""
-  rng = np.random.default_rng(0)
-  hidden = jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32)
+@pytest.mark.parametrize("buckets", [1, 8])
+def test_text_lm_loss_value_and_gradient(buckets):
+  """Against the full logits, for every bucket count: a sequence that is the text block alone
+  (its first token predicted by nothing), a prefix (labelled IGNORE as `assemble` does), rows
+  with scattered labels, a fully labelled row (the largest capacity), no label at all."""
+  rng = np.random.default_rng(buckets)
+  hidden = jnp.asarray(rng.standard_normal((3, 9, 8)), jnp.float32)
   table = jnp.asarray(rng.standard_normal((8, 11)), jnp.float32)
   head = lambda h: h @ table
-  labels = jnp.asarray([[4, 5, IGNORE, 7, 8, 9], [3, IGNORE, IGNORE, 2, IGNORE, IGNORE]])
-  for lab in (labels, jnp.full_like(labels, IGNORE)):
-    want = assembly.causal_lm_loss(head(hidden), lab)
-    got = assembly.text_lm_loss(hidden, lab, head)
-    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
-    assert int(got[1]) == int(want[1])
-  # With two prefix positions (labelled IGNORE as `assemble` does) the head sees 6 rows.
-  longer = jnp.concatenate([0.5 * hidden[:, :2], hidden], axis=1)
-  full = jnp.concatenate([jnp.full((2, 2), IGNORE), labels], axis=1)
+  ids = jnp.asarray(rng.integers(0, 11, (3, 9)), jnp.int32)
+  scattered = jnp.where(jnp.asarray(rng.random((3, 9)) < 0.4), ids, IGNORE)
+  cases = [scattered, scattered.at[1].set(ids[1]), jnp.full_like(ids, IGNORE)]
+  for labels in cases:
+    for prefix in (0, 2):
+      h = jnp.concatenate([0.5 * hidden[:, :prefix], hidden], axis=1)
+      full = jnp.concatenate([jnp.full((3, prefix), IGNORE), labels], axis=1)
+      want = jax.value_and_grad(lambda x: assembly.causal_lm_loss(head(x), full)[0])(h)
+      got = jax.value_and_grad(
+          lambda x: assembly.text_lm_loss(x, labels, head, buckets=buckets)[0])(h)
+      np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=0, atol=1e-6)
+      count = assembly.text_lm_loss(h, labels, head, buckets=buckets)[1]
+      assert int(count) == int(assembly.causal_lm_loss(head(h), full)[1])
+
+
+def test_text_lm_loss_runs_the_head_on_the_text_rows_only():
   rows = []
-  got = assembly.text_lm_loss(longer, labels, lambda h: rows.append(h.shape) or head(h))
-  assert rows == [(2, 6, 8)]
-  np.testing.assert_allclose(float(got[0]), float(assembly.causal_lm_loss(head(longer), full)[0]),
-                             rtol=1e-6)
+  hidden, labels = jnp.zeros((2, 7, 4)), jnp.full((2, 5), IGNORE)
+  assembly.text_lm_loss(hidden, labels, lambda h: rows.append(h.shape) or h, buckets=1)
+  assert rows == [(2, 5, 4)]
   with pytest.raises(ValueError, match="longer than the sequence"):
-    assembly.text_lm_loss(hidden[:, :3], labels, head)
+    assembly.text_lm_loss(hidden[:, :3], labels, lambda h: h)

@@ -135,21 +135,74 @@ def text_lm_loss(
     hidden: Float[Array, "B T D"],
     text_labels: Int[Array, "B L"],
     head: Callable[[Float[Array, "B N D"]], Float[Array, "B N V"]],
+    *,
+    buckets: int = 8,
 ) -> tuple[Float[Array, ""], Int[Array, ""]]:
   """`causal_lm_loss(head(hidden), labels)` of an `assemble`d sequence, with the LM head on
-  the positions that can carry a label only.
+  the positions that carry a label only.
 
   `hidden` are the final hidden states of the whole sequence, whose last `L` positions are
   the text block; `assemble` labels everything before it IGNORE, so only the `L` positions
   that predict a text token (from the one before the text block to the second last) can be
-  supervised. The head (most of a small LLM's step: `T x D x V` products forward and
-  backward, and the loss' passes over `(B, T, V)`) runs on those `(B, L)` rows: a static
-  slice, so shapes do not depend on the data. Same value and gradients as the full logits.
+  supervised: a static slice. Within it, each row's supervised positions are moved to the
+  front (a stable per-row sort, so rows stay on their batch shard), and the head (`N x D x V`
+  products forward and backward, and the loss' passes over `(B, N, V)`: most of a small LLM's
+  step) runs on the first `c` of them, `c` the smallest of `buckets` static capacities
+  (`L * k / buckets`) that holds the row with most labels, chosen at run time by `lax.switch`.
+  Shapes never depend on the data; the value and gradients are those of the full logits.
+
+  The head's parameters get no gradient (the LLM is frozen; differentiating them raises):
+  the gradient of the rows is computed with the loss inside the chosen branch (a custom VJP),
+  so the backward pass neither keeps every branch's `(B, c, V)` residuals nor redoes the head.
   """
   t, l = hidden.shape[1], text_labels.shape[1]
   if l > t:
     raise ValueError(f"text block of {l} tokens is longer than the sequence ({t})")
   lo = max(t - l - 1, 0)  # the position predicting the first text token (none without prefix)
   targets = text_labels[:, lo - (t - l - 1):].astype(jnp.int32)
-  total, count = token_nll_sum(head(hidden[:, lo:t - 1]), targets)
+  rows = hidden[:, lo:t - 1]
+  valid = targets != IGNORE
+  count = valid.sum()
+  n = rows.shape[1]
+  caps = sorted({-(-n * k // max(buckets, 1)) for k in range(1, max(buckets, 1) + 1)})
+  if len(caps) == 1:
+    total, _ = token_nll_sum(head(rows), targets)
+    return total / jnp.maximum(count, 1), count
+  order = jnp.argsort(~valid, axis=1, stable=True)
+  rows = jnp.take_along_axis(rows, order[..., None], axis=1)
+  targets = jnp.take_along_axis(targets, order, axis=1)
+  branch = jnp.searchsorted(jnp.asarray(caps), valid.sum(axis=1).max())
+  total = _bucketed_nll_sum(rows, targets, head, caps, branch)
   return total / jnp.maximum(count, 1), count
+
+
+def _bucketed_nll_sum(rows: Float[Array, "B N D"], targets: Int[Array, "B N"],
+                      head: Callable, caps: Sequence[int], branch: Int[Array, ""]
+                      ) -> Float[Array, ""]:
+  """Summed cross-entropy of `head(rows[:, :caps[branch]])`; custom VJP for `rows` only."""
+  n = rows.shape[1]
+
+  def loss_only(c):
+    return lambda r: token_nll_sum(head(r[:, :c]), targets[:, :c])[0]
+
+  def with_grad(c):
+    def run(r):
+      logits, pullback = jax.vjp(head, r[:, :c])
+      tg = targets[:, :c]
+      total, _ = token_nll_sum(logits, tg)
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      onehot = jnp.arange(logits.shape[-1], dtype=tg.dtype) == tg[..., None]
+      dlogits = jnp.where((tg != IGNORE)[..., None], probs - onehot, 0.0)
+      (drows,) = pullback(dlogits.astype(logits.dtype))
+      return total, jnp.pad(drows, ((0, 0), (0, n - c), (0, 0)))
+    return run
+
+  @jax.custom_vjp
+  def summed(r):
+    return jax.lax.switch(branch, [loss_only(c) for c in caps], r)
+
+  def forward(r):
+    return jax.lax.switch(branch, [with_grad(c) for c in caps], r)
+
+  summed.defvjp(forward, lambda drows, ct: (ct * drows,))
+  return summed(rows)
