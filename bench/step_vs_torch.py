@@ -6,19 +6,28 @@ prefix followed by the LLM text embeddings -> frozen LLaMA -> causal LM loss on 
 tokens -> gradients of the trainable bridge only -> AdamW update (weight decay on ndim >= 2).
 
 * xblip_jax: `XInstructBlip` + `train.step.make_train_step` (jitted, params and optimizer state
-  donated), `train.optim.make_optimizer`; timed with `jax.block_until_ready`.
-* PyTorch: `LayerNorm` + `transformers.InstructBlipQFormerModel` + `Linear` +
-  `transformers.LlamaForCausalLM` (every LLM parameter `requires_grad_(False)`), the HF causal LM
-  loss on `inputs_embeds`, `torch.optim.AdamW` on the trainable parameters only, default (SDPA)
-  attention, `torch.set_num_threads` to the cores this process may use (`os.cpu_count()`
-  unless restricted with `taskset`, which XLA's thread pool follows too).
+  donated), `train.optim.make_optimizer`; timed with `jax.block_until_ready`. Its loss runs the
+  LM head on the label-carrying rows only (`assembly.text_lm_loss`), as the trainer does.
+* PyTorch, the reference (`torch`): `LayerNorm` + `transformers.InstructBlipQFormerModel` +
+  `Linear` + `transformers.LlamaForCausalLM` (every LLM parameter `requires_grad_(False)`), the
+  HF causal LM loss on full logits from `inputs_embeds` (the LAVIS way), `torch.optim.AdamW` on
+  the trainable parameters only, default (SDPA) attention, `torch.set_num_threads` to the cores
+  this process may use (`os.cpu_count()` unless restricted with `taskset`, which XLA's thread
+  pool follows too).
+* PyTorch with the label gather (`torch_gathered`): the same model (same weights, its own
+  optimizer), but the loss takes `model.model`'s hidden states, keeps the rows whose next token
+  is supervised, and applies `lm_head` + cross-entropy to those rows only. `ratio` (reference
+  torch / xblip_jax) is the gain of algorithm and framework together, `ratio_vs_torch_gathered`
+  (torch_gathered / xblip_jax) the framework's alone.
 
 Dropout is off on both sides (rates 0, eval mode). Repetitions alternate JAX / torch so that
 load changes on a shared machine hit both equally; warm-up (and JAX compilation) is excluded.
 `--check` first runs a small configuration with torch's weights loaded into ours (key tables of
-`xblip_jax.convert`) and compares loss, gradient norm and updated parameters.
+`xblip_jax.convert`) and compares loss, gradient norm and updated parameters (and the gathered
+torch loss / gradient norm with the reference's).
 
-The last line printed is one JSON object (times in ms, ratio = torch / jax, config, environment).
+The last line printed is one JSON object (times in ms, `ratio` = torch / xblip_jax,
+`ratio_vs_torch_gathered` = torch_gathered / xblip_jax, config, environment).
 
   .venv/bin/python -m bench.step_vs_torch [--check] [--reps 10] [--batch 8] ...
 """
