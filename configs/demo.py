@@ -74,8 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   # The 3D bridge reads one token per cloud and learns slowest: alone, 200 steps at 2e-3 left
   # it on the answer prior (12.5% held out) and 200 at 5e-3 taught it (62.5%). So it gets
-  # twice the batches of the others (data.train_ratios) and a higher rate than 2e-3; 5e-3 for
-  # all four made the audio loss spike.
+  # twice the batches of the others (data.train_ratios) and the rate is 4e-3.
   c.optim = dict(init_lr=4e-3, warmup_lr=1e-6, warmup_steps=30, iters_per_epoch=250,
                  num_epochs=4, weight_decay=0.05)
   c.train = dict(num_steps=1000, log_every=20, checkpoint_every=100, keep_checkpoints=2,

@@ -41,6 +41,7 @@ def small_demo_config(root, steps: int, *, checkpoint_every: int = 2):
   c.data.root = str(root)
   c.data.modalities = ("image", "pc")
   c.data.train_datasets = ("image_qa", "pc_qa")
+  c.data.train_ratios = ()
   c.data.eval_datasets = ("image_qa", "discrn_image_pc")
   c.data.batch_size = 4
   c.data.eval_batch_size = 4

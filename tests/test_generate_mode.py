@@ -129,6 +129,7 @@ def get_config(arg=None):
   c.data.root = {root!r}
   c.data.modalities = ("image", "pc")
   c.data.train_datasets = ("image_qa", "pc_qa")
+  c.data.train_ratios = ()
   c.data.eval_datasets = ()
   c.data.batch_size = 4
   c.model.llm_init = {llm!r}

@@ -132,3 +132,61 @@ def test_step_over_all_modalities_is_the_plain_update():
     assert want.keys() == got.keys()
     for k in want:
       np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_bias_correction_counts_each_bridges_own_batches_like_torch_adamw():
+  """One modality per batch against torch AdamW, where an unused bridge's grad is None: its
+  per-parameter `step` (bias correction) counts only its own batches, its rate follows the
+  global schedule, weight decay on ndim >= 2 only."""
+  torch = pytest.importorskip("torch")
+  cfg = optim.OptimConfig(init_lr=3e-2, warmup_lr=1e-3, warmup_steps=4, iters_per_epoch=5,
+                          num_epochs=3, weight_decay=0.05)
+  rng = np.random.default_rng(0)
+  shapes = {("ln", "image", "scale"): (6,), ("ln", "pc", "scale"): (5,),
+            ("llm_proj", "image", "kernel"): (6, 4), ("llm_proj", "pc", "kernel"): (5, 4),
+            ("query_tokens", "pc"): (1, 2, 3)}
+  init = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+  def nest(flat):
+    out = {}
+    for path, v in flat.items():
+      d = out
+      for key in path[:-1]:
+        d = d.setdefault(key, {})
+      d[path[-1]] = v
+    return out
+
+  orders = [("image",), ("pc",), ("image",), ("image",), ("image",), ("pc",), ("pc",),
+            ("image",), ("pc",), ("image",), ("image",), ("pc",)]
+  grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in orders]
+
+  tx = optim.make_optimizer(cfg)
+  params = nest(init)
+  state = tx.init(params)
+  update = jax.jit(optim.masked_update, static_argnums=(0, 4))
+  for order, g in zip(orders, grads):
+    zeroed = {k: (v if optim.leaf_group(tuple(jax.tree_util.DictKey(p) for p in k)) in order
+                  else np.zeros_like(v)) for k, v in g.items()}
+    params, state = update(tx, nest(zeroed), state, params, order)
+
+  tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in init.items()}
+  opt = torch.optim.AdamW(
+      [{"params": [p for k, p in tp.items() if p.ndim >= 2], "weight_decay": 0.05},
+       {"params": [p for k, p in tp.items() if p.ndim < 2], "weight_decay": 0.0}],
+      lr=cfg.init_lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+  schedule = optim.lavis_schedule(cfg)
+  for t, (order, g) in enumerate(zip(orders, grads)):
+    for group in opt.param_groups:
+      group["lr"] = float(schedule(t))
+    for k, p in tp.items():
+      p.grad = torch.tensor(g[k]) if k[1] in order else None
+    opt.step()
+
+  flat = {tuple(_key_names(p)): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for k, p in tp.items():
+    np.testing.assert_allclose(flat[k], p.detach().numpy(), rtol=1e-5, atol=2e-6, err_msg=str(k))
+
+
+def _key_names(path):
+  return [getattr(k, "key", k) for k in path]

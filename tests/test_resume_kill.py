@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.data.root = {root!r}
   c.data.modalities = ("image",)
   c.data.train_datasets = ("image_qa", "image_caption")
+  c.data.train_ratios = ()
   c.data.eval_datasets = ("image_qa",)
   c.data.batch_size = 4
   c.data.eval_batch_size = 4

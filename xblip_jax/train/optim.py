@@ -12,7 +12,11 @@ modalities absent from the batch keep their parameters and optimizer moments bit
 as if the step had not happened for them. A plain AdamW step would move them anyway (momentum
 from earlier batches, weight decay on zero gradients), which undoes their training between
 the batches of their own modality. The reference trains one modality per run, where this never
-arises (docs/quirks.md Q37). `optim.grad_accum_steps > 1` (optax `MultiSteps`) cannot be masked
+arises (docs/quirks.md Q37). Adam's bias correction counts, like torch's per-parameter `step`,
+only the updates a bridge has had (`scale_by_grouped_adam`), while the rate schedule follows the
+global step (LAVIS' scheduler): with a global count a bridge seen in a fraction p of the batches
+is corrected for steps its moments never saw, and its step size runs ~1/sqrt(p) too large for
+thousands of steps. `optim.grad_accum_steps > 1` (optax `MultiSteps`) cannot be masked
 this way (its accumulator would mix modalities across steps), so such a batch is a config
 error; `train.microbatches` accumulates inside one step and is fine.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +72,10 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(optax.adamw(lavis_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  # optax.adamw, with the Adam part counting each bridge's own updates.
+  parts += [scale_by_grouped_adam(cfg.b1, cfg.b2, cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(lavis_schedule(cfg))]
   tx = optax.chain(*parts)
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
@@ -86,13 +92,68 @@ def _key(k) -> Any:
   return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
 
 
+ALL_GROUP = "_all"  # leaves that every batch trains (shared Q-Former, anything not keyed)
+
+
+def leaf_group(path) -> str:
+  """The modality whose batches train a leaf, or `ALL_GROUP`."""
+  keys = [_key(k) for k in path]
+  if len(keys) > 1 and keys[0] in MODALITY_KEYED and keys[1] != SHARED_KEY:
+    return str(keys[1])
+  return ALL_GROUP
+
+
+def _groups(params) -> list[str]:
+  return sorted({leaf_group(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]})
+
+
+class ScaleByGroupedAdamState(NamedTuple):
+  """`optax.ScaleByAdamState` with one update count per leaf group instead of one in all."""
+
+  count: dict[str, jax.Array]  # group -> int32 updates so far
+  mu: Any
+  nu: Any
+
+
+def scale_by_grouped_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """`optax.scale_by_adam` whose bias correction uses each leaf group's own count.
+
+  Every call counts for every group (so with all groups in every batch it is exactly
+  `scale_by_adam`); `masked_update` then restores the counts of absent groups along with
+  their moments, so a bridge's count is the number of batches that trained it, as torch's
+  per-parameter `step` of AdamW is (LAVIS leaves an unused bridge's `grad` None).
+  """
+
+  def init(params):
+    zeros = lambda p: jnp.zeros_like(p)
+    return ScaleByGroupedAdamState(
+        count={g: jnp.zeros([], jnp.int32) for g in _groups(params)},
+        mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * (g * g), updates, state.nu)
+    count = {g: optax.safe_increment(c) for g, c in state.count.items()}
+
+    def scaled(path, m, v):
+      c = count[leaf_group(path)]
+      m_hat = m / (1 - b1 ** c).astype(m.dtype)
+      v_hat = v / (1 - b2 ** c).astype(v.dtype)
+      return m_hat / (jnp.sqrt(v_hat) + eps)
+
+    return (jax.tree_util.tree_map_with_path(scaled, mu, nu),
+            ScaleByGroupedAdamState(count=count, mu=mu, nu=nu))
+
+  return optax.GradientTransformation(init, update)
+
+
 def active_mask(params, order: Sequence[str]):
   """Params-shaped tree of Python bools: False for a modality-keyed bridge leaf whose modality
   is not in `order`. Everything else (shared Q-Former, other parameters) is active."""
   def active(path, _):
-    keys = [_key(k) for k in path]
-    return not (len(keys) > 1 and keys[0] in MODALITY_KEYED
-                and keys[1] != SHARED_KEY and keys[1] not in order)
+    group = leaf_group(path)
+    return group == ALL_GROUP or group in order
   return jax.tree_util.tree_map_with_path(active, params)
 
 
@@ -102,8 +163,8 @@ def masked_update(tx: optax.GradientTransformation, grads, opt_state, params,
 
   The plain optax update, except that leaves of absent modalities keep their old value, in the
   parameters and in every params-shaped part of the optimizer state (Adam moments, gradient
-  accumulators). Step counters (schedule, bias correction) stay global. `order` is static, so
-  the choice is made at trace time: no arithmetic touches the kept leaves.
+  accumulators) and their Adam update counts; the schedule's counter stays global. `order` is
+  static, so the choice is made at trace time: no arithmetic touches the kept leaves.
   """
   mask = active_mask(params, order)
   if all(jax.tree.leaves(mask)):
@@ -124,4 +185,14 @@ def masked_update(tx: optax.GradientTransformation, grads, opt_state, params,
     return jax.tree.map(pick, new, old, mask) if like_params(new) else new
 
   new_state = jax.tree.map(select, new_state, opt_state, is_leaf=like_params)
+  is_adam = lambda x: isinstance(x, ScaleByGroupedAdamState)
+
+  def keep_counts(new, old):
+    if not is_adam(new):
+      return new
+    count = {g: c if g == ALL_GROUP or g in order else old.count[g]
+             for g, c in new.count.items()}
+    return new._replace(count=count)
+
+  new_state = jax.tree.map(keep_counts, new_state, opt_state, is_leaf=is_adam)
   return jax.tree.map(pick, new_params, params, mask), new_state
