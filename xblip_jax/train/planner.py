@@ -175,10 +175,12 @@ def _estimate(config, graphdef, prompt, params, rest, batch, modality, mesh, mic
   itemsize = jnp.dtype(build.precision(config.model.precision.llm, "llm").param_dtype).itemsize
   biggest = max(layer("llm/layers/0/"), layer(f"encoders/{modality}/blocks/0/"))
   rows = int(batch["llm_text_ids"].shape[0]) // microbatches // shards
-  seq = example_flops(config, modality, params, rest).llm_tokens
+  # The training loss runs the LM head on the text block's labelled rows only
+  # (`assembly.text_lm_loss`): at most the text length per row, not the whole sequence.
+  text = int(batch["llm_text_ids"].shape[1])
   vocab = build.xblip_config(config.model, (modality,))[0].llm.vocab_size
   return {"saved_activations": act // shards, "gathered_layers": 2 * biggest * itemsize,
-          "logits_grad": rows * seq * vocab * 4}
+          "logits_grad": rows * text * vocab * 4}
 
 
 def table(result: dict[str, Any]) -> str:
