@@ -42,6 +42,7 @@ def small_demo_config(root, steps: int, *, checkpoint_every: int = 2):
   c.data.modalities = ("image", "pc")
   c.data.train_datasets = ("image_qa", "pc_qa")
   c.data.train_ratios = ()
+  c.model.encoders_init = {}     # random 3D encoder: the PCA fit has its own test
   c.data.eval_datasets = ("image_qa", "discrn_image_pc")
   c.data.batch_size = 4
   c.data.eval_batch_size = 4
