@@ -101,8 +101,9 @@ def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens:
       set_generate = program("generate", generate_for, generate, eval_set)
     total, count, preds = 0.0, 0, []
     for order, batch, refs in eval_set.batches:
+      dev = to_replicated_rows(batch, mesh)  # once per batch: the loss and generation share it
       if set_loss is not None:
-        s, n = set_loss(params, rest, to_replicated_rows(batch, mesh), order)
+        s, n = set_loss(params, rest, dev, order)
         total, count = total + float(s), count + int(n)
       if ranked:  # every row's own instruction with every candidate; padded rows reuse one
         rows = len(next(iter(batch.values())))
@@ -115,7 +116,7 @@ def evaluate(inputs, mesh, params, rest, eval_loss, generate, *, max_new_tokens:
           preds.append({"prediction": classnames[k], **ref,
                         "candidate_losses": [round(float(v), 4) for v in loss_row]})
         continue
-      ids = np.asarray(set_generate(params, rest, to_replicated_rows(batch, mesh), order, cfg))
+      ids = np.asarray(set_generate(params, rest, dev, order, cfg))
       for row, ref in zip(ids, refs):
         text_out = scoring.postprocess(task, inputs.decode(row))
         if task.metric == "class_gen":
